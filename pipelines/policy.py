@@ -28,11 +28,11 @@ class ViewPolicy:
     contrast: float = 0.4  # factor ~ U[1-c, 1+c] around each channel's spatial mean
     saturation: float = 0.2  # HSV s multiplied by U[1-s, 1+s]
     hue: float = 0.1  # HSV h shifted by U[-h, h] (mod 1)
-    grayscale_p: float = 0.2
-    blur_p: float = 1.0
+    grayscale_p: float = 0.2  # convert to gray (weights 0.2989, 0.5870, 0.1140)
+    blur_p: float = 1.0  # Gaussian blur (T: 1.0, T': 0.1)
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma ~ U[lo, hi], in pixels
     blur_kernel: int = 0  # 0: image side / 10 rounded to odd (23 at 224)
-    solarize_p: float = 0.0
+    solarize_p: float = 0.0  # solarize (T: 0.0, T': 0.2)
     solarize_threshold: float = 0.5  # x < t ? x : 1 - x
 
     def kernel_size(self) -> int:
@@ -83,7 +83,7 @@ class AugmentConfig:
 
     view1: ViewPolicy = field(default_factory=view1_policy)
     view2: ViewPolicy = field(default_factory=view2_policy)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalization of the views
     std: tuple[float, float, float] = IMAGENET_STD
 
     def validate(self) -> None:

@@ -1,0 +1,328 @@
+"""The whole run as typed dataclasses: YAML in, `a.b.c=value` overrides, strict errors out.
+
+Every section validates its own values; `load_config` rejects unknown keys (naming the file and
+the closest valid key) and wrong types (naming the key and the expected type) before any work
+starts. `config_reference()` renders every key with its default and comment for README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import DataConfig
+from pipelines.policy import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key (and file) and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 50  # ResNet depth: 18, 34, 50, 101, 152 or 200
+    width: int = 1  # width multiplier: 1, 2 or 4 (the paper's 1x, 2x, 4x)
+    stem: str = "imagenet"  # imagenet (7x7/2 conv + maxpool) | cifar (3x3/1 conv, for small images)
+    zero_init_residual: bool = False  # zero-init the last BN gamma of every residual block
+    channels_last: bool = True  # NHWC memory format for the encoder and the views
+    compile: bool = False  # torch.compile the online and target networks
+
+    def validate(self) -> None:
+        if self.depth not in (18, 34, 50, 101, 152, 200):
+            raise ConfigError(f"model.depth = {self.depth}: expected 18, 34, 50, 101, 152 or 200")
+        if self.width not in (1, 2, 4):
+            raise ConfigError(f"model.width = {self.width}: expected 1, 2 or 4")
+        if self.stem not in ("imagenet", "cifar"):
+            raise ConfigError(f"model.stem = {self.stem!r}: expected imagenet or cifar")
+
+
+@dataclass
+class BYOLConfig:
+    hidden_dim: int = 4096  # projector and predictor hidden width
+    proj_dim: int = 256  # projection (and prediction) output size
+    tau_base: float = 0.996  # target EMA rate at step 0; cosine-increased to 1 at the end
+    concat_views: bool = False  # one encoder call on both views (BN statistics over both views)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.tau_base <= 1.0:
+            raise ConfigError(f"byol.tau_base = {self.tau_base}: expected a value in [0, 1]")
+        if self.hidden_dim < 1 or self.proj_dim < 1:
+            raise ConfigError(
+                f"byol.hidden_dim = {self.hidden_dim}, byol.proj_dim = {self.proj_dim}: expected positive sizes"
+            )
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.2  # peak lr = base_lr * global batch / 256 (the paper's rule)
+    lr: float = 0.0  # if > 0: the peak lr as given, ignoring base_lr and the batch scaling
+    momentum: float = 0.9
+    weight_decay: float = 1.5e-6  # on conv/linear weights only (biases and BN excluded)
+    eta: float = 1e-3  # LARS trust coefficient (biases and BN excluded from adaptation)
+    warmup_epochs: float = 10.0  # linear warm-up, then cosine decay to 0
+
+    def validate(self) -> None:
+        if self.base_lr <= 0:
+            raise ConfigError(f"optim.base_lr = {self.base_lr}: expected a positive learning rate")
+        if self.lr < 0:
+            raise ConfigError(f"optim.lr = {self.lr}: expected a positive learning rate (or 0 to use base_lr)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum = {self.momentum}: expected a value in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay = {self.weight_decay}: expected >= 0")
+        if self.eta <= 0:
+            raise ConfigError(f"optim.eta = {self.eta}: expected a positive trust coefficient")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs}: expected >= 0")
+
+    def peak_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr > 0 else self.base_lr * global_batch / 256
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000  # the paper: 1000 (300 for ablations)
+    max_steps: int = 0  # if > 0: stop after this many steps; the schedules span max_steps
+    precision: str = "bf16"  # bf16 (autocast) | fp16 (autocast + grad scaler) | fp32
+    device: str = "auto"  # auto (cuda when available) | cuda | cpu
+    seed: int = 0  # model init, data order, crops and augmentations all derive from it
+    run_dir: str = "runs/byol"  # checkpoints, metrics.jsonl, config.yaml, encoder.pt
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in run_dir
+    resume: str = "auto"  # auto (continue from run_dir's newest checkpoint if any) | never
+    cudnn_benchmark: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs = {self.epochs}: expected at least 1")
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps = {self.max_steps}: expected >= 0 (0 = epochs)")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision = {self.precision!r}: expected bf16, fp16 or fp32")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"train.device = {self.device!r}: expected auto, cuda or cpu")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every = {self.checkpoint_every}: expected >= 1")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints = {self.keep_checkpoints}: expected >= 1")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"train.resume = {self.resume!r}: expected auto or never")
+
+
+@dataclass
+class LoggingConfig:
+    progress: str = "auto"  # auto (rich bar on a terminal, plain lines otherwise) | rich | plain | none
+    log_every: int = 20  # steps between metric reads (each read synchronises with the device)
+    plot: bool = True  # write metrics.png at the end (needs matplotlib)
+
+    def validate(self) -> None:
+        if self.progress not in ("auto", "rich", "plain", "none"):
+            raise ConfigError(f"logging.progress = {self.progress!r}: expected auto, rich, plain or none")
+        if self.log_every < 1:
+            raise ConfigError(f"logging.log_every = {self.log_every}: expected >= 1")
+
+
+@dataclass
+class DistConfig:
+    sync_bn: bool = True  # BatchNorm -> SyncBatchNorm on GPUs (the paper's statistics over the global batch)
+    bucket_cap_mb: int = 25  # DDP gradient bucket size
+    static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
+
+    def validate(self) -> None:
+        if self.bucket_cap_mb < 1:
+            raise ConfigError(f"dist.bucket_cap_mb = {self.bucket_cap_mb}: expected >= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check every section; ValueErrors of the sections become ConfigErrors."""
+        for section in dataclasses.fields(self):
+            try:
+                getattr(self, section.name).validate()
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.data.batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size = {self.data.batch_size}: not divisible by the number of ranks ({world_size})"
+            )
+
+
+# ---------------------------------------------------------------- dict <-> dataclass, strictly
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`, or a ConfigError naming `key` and the expected type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {len(args)} numbers")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # a bug in the dataclasses
+
+
+def _update(obj: Any, values: dict, prefix: str, source: str) -> None:
+    """Set the fields of dataclass `obj` from `values`, recursing into nested sections."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown key {key} in {source}{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _update(current, value, f"{key}.", source)
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key such as optim.base_lr")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """The config of YAML file `path` (defaults where absent) with `a.b.c=value` overrides applied."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        _update(cfg, values, "", str(path))
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _update(cfg, nested, "", "the command line")
+    cfg.validate(world_size)
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from a plain dict (e.g. the one stored in a checkpoint)."""
+    cfg = Config()
+    _update(cfg, values, "", "the stored config")
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain, YAML-safe dict (tuples as lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- the reference, from the source
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # comment` lines of a dataclass's source -> {name: comment}."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def config_reference() -> str:
+    """A Markdown table of every key, its default and its comment, generated from the dataclasses."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            shown = list(value) if isinstance(value, tuple) else value
+            if isinstance(shown, list):
+                shown = [round(x, 4) if isinstance(x, float) else x for x in shown]
+            rows.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(shown, default_flow_style=True).strip().removesuffix('...').strip()}` | {comments.get(f.name, '').replace('|', '/')} |")
+
+    walk(Config(), "")
+    return "\n".join(rows)

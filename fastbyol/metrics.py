@@ -1,0 +1,119 @@
+"""What a user sees of a run: a progress bar (or plain lines), metrics.jsonl, and a plot at the end.
+
+Only rank 0 creates a `RunMonitor` that writes; other ranks get one with `enabled=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Throughput:
+    """Images/sec over a moving window of the last `window` (time, images) readings."""
+
+    def __init__(self, window: int = 5):
+        self.points: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    def update(self, images_seen: int, now: float | None = None) -> float:
+        self.points.append((time.perf_counter() if now is None else now, images_seen))
+        (t0, n0), (t1, n1) = self.points[0], self.points[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def reset(self) -> None:
+        self.points.clear()
+
+
+class RunMonitor:
+    """Progress display and metrics file of one training run."""
+
+    def __init__(self, run_dir: Path, total_steps: int, mode: str = "auto", enabled: bool = True,
+                 first_step: int = 0):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.console = Console(file=sys.stderr)
+        if mode == "auto":
+            mode = "rich" if self.console.is_terminal else "plain"
+        self.mode = mode if enabled else "none"
+        self.progress: Progress | None = None
+        if self.mode == "rich":
+            self.progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[img_s]:>7.1f} img/s  loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}"
+                           "  τ {task.fields[tau]:.5f}  std {task.fields[std]:.4f}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=first_step, epoch=0,
+                                               img_s=0.0, loss=float("nan"), lr=0.0, tau=0.0, std=float("nan"))
+            self.progress.start()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one metrics line and refresh the display; record holds step, epoch, loss, lr, tau, ..."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], epoch=record["epoch"],
+                                 img_s=record["images_per_sec"], loss=record["loss"], lr=record["lr"],
+                                 tau=record["tau"], std=record["collapse_std"])
+        elif self.mode == "plain":
+            extra = "".join(f"  {k} {v:.4f}" for k, v in record.items() if k.startswith("knn"))
+            self.console.print(
+                f"step {record['step']}/{self.total_steps}  epoch {record['epoch']}  "
+                f"{record['images_per_sec']:.1f} img/s  loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
+                f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}{extra}", highlight=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled and self.mode != "none":
+            self.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.enabled and not self.file.closed:
+            self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
+    """Loss and images/sec against steps as a PNG; None (with the reason printed) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("metrics plot skipped: matplotlib is not installed (pip install fastbyol[plot])", file=sys.stderr)
+        return None
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_loss.plot(steps, [r["loss"] for r in rows])
+    ax_loss.set_ylabel("BYOL loss")
+    ax_loss.grid(alpha=0.3)
+    ax_speed.plot(steps, [r["images_per_sec"] for r in rows], color="tab:orange")
+    ax_speed.set_ylabel("images / sec")
+    ax_speed.set_xlabel("step")
+    ax_speed.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)

@@ -1,0 +1,311 @@
+"""The BYOL training loop: read it top to bottom.
+
+Per step: lr_k and tau_k from the schedules (pure functions of the step), one BYOL forward and
+backward under autocast, a LARS step, a target EMA update. Metrics stay on the device and are read
+every `logging.log_every` steps, so the step itself never waits for the host.
+
+Resume is exact: model init, data order, crops and augmentations are functions of (seed, epoch,
+step), so a run resumed from a checkpoint sees the same batches and reaches the same parameters
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import pipelines
+from fastbyol import checkpoint, dist
+from fastbyol.byol import BYOL, BYOLOutput, param_groups
+from fastbyol.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
+from fastbyol.ema import TargetEMA
+from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
+from fastbyol.models.resnet import resnet
+from fastbyol.optim import LARS, lr_at, tau_at
+
+# Keys that may differ between a run directory's config and the config resuming it: they change
+# how a run is watched or fed, never what it computes.
+RESUMABLE_CHANGES = ("logging.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.device")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class Components:
+    """What one training step needs; `model` may be DDP-wrapped, `byol` is the plain module."""
+
+    model: nn.Module
+    byol: BYOL
+    optimizer: LARS
+    ema: TargetEMA
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def build_model(cfg: Config) -> BYOL:
+    """The BYOL module of the config, on the CPU, parameters initialised from the global torch RNG."""
+    encoder = resnet(cfg.model.depth, cfg.model.width, cfg.model.stem, cfg.model.zero_init_residual)
+    return BYOL(encoder, encoder.num_features, cfg.byol.hidden_dim, cfg.byol.proj_dim, cfg.byol.concat_views)
+
+
+def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, peak_lr: float) -> Components:
+    """Model (DDP-wrapped when distributed), LARS, target EMA, grad scaler and autocast of the config."""
+    torch.manual_seed(cfg.train.seed)
+    byol = build_model(cfg)
+    if info.enabled and device.type == "cuda" and cfg.dist.sync_bn:
+        byol = nn.SyncBatchNorm.convert_sync_batchnorm(byol)
+    byol = byol.to(device)
+    if cfg.model.channels_last:
+        byol = byol.to(memory_format=torch.channels_last)
+    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay), lr=peak_lr, momentum=cfg.optim.momentum,
+                     eta=cfg.optim.eta)
+    ema = TargetEMA(byol.online_network(), byol.target_network())
+    model: nn.Module = byol
+    if cfg.model.compile:
+        model.compile()
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
+    precision = cfg.train.precision
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    return Components(model, byol, optimizer, ema, scaler, autocast)
+
+
+def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float) -> BYOLOutput:
+    """One BYOL step: forward + backward of the symmetric loss, LARS at `lr`, EMA at `tau`."""
+    for group in c.optimizer.param_groups:
+        group["lr"] = lr
+    with c.autocast():
+        out = c.model(view1, view2)
+    if c.scaler is not None:
+        c.scaler.scale(out.loss).backward()
+        c.scaler.step(c.optimizer)
+        c.scaler.update()
+    else:
+        out.loss.backward()
+        c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    c.ema.update(tau)
+    return out
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
+    """Write config.yaml; refuse a directory that holds a different run unless `force`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.exists() and not force:
+        import yaml
+
+        old = _flatten(yaml.safe_load(path.read_text()) or {})
+        new = _flatten(to_dict(cfg))
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+        if changed:
+            listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            raise ConfigError(f"run directory {run_dir} holds a different run ({listing}); "
+                              f"choose another train.run_dir, or pass --force to overwrite its config")
+    path.write_text(dump_yaml(cfg))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checkpoints and stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.raised: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.raised is not None:  # a second Ctrl-C: the user really wants out now
+            signal.signal(signum, self.previous[signum])
+            raise KeyboardInterrupt
+        self.raised = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) the training of `cfg`; returns a summary dict (steps, final loss, images/sec).
+
+    `step_hook(step)` is called after every step (tests use it to interrupt a run).
+    """
+    info, device = dist.init(cfg.train.device)
+    try:
+        return _train(cfg, info, device, force, step_hook)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
+           step_hook: Callable[[int], None] | None) -> dict:
+    cfg.validate(info.world_size)
+    run_dir = Path(cfg.train.run_dir)
+    if info.is_main:
+        prepare_run_dir(cfg, run_dir, force)
+    dist.barrier()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+    loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is larger than the dataset at {cfg.data.path}: "
+                          "an epoch has no full batch (lower the batch size or set data.drop_last=false)")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup_steps = min(total_steps - 1, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)
+    c = build_components(cfg, device, info, peak_lr)
+
+    step = 0
+    state = checkpoint.load_latest(run_dir, map_location=device) if cfg.train.resume == "auto" else None
+    if state is not None:
+        c.byol.load_state_dict(state["model"])
+        c.optimizer.load_state_dict(state["optimizer"])
+        if c.scaler is not None and state.get("scaler"):
+            c.scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+
+    monitor = RunMonitor(run_dir, total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
+    if state is not None:
+        monitor.message(f"resumed from {state['path']} at step {step}")
+    images_per_step = loader.batch_size * info.world_size
+    speed = Throughput()
+    loss_sum = torch.zeros((), device=device)
+    cos_sum = torch.zeros((), device=device)
+    std_sum = torch.zeros((), device=device)
+    window = 0
+    record: dict = {}
+
+    def save() -> None:
+        if info.is_main:
+            checkpoint.save_checkpoint({
+                "model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
+                "scaler": c.scaler.state_dict() if c.scaler is not None else None,
+                "step": step, "epoch": step // steps_per_epoch, "config": to_dict(cfg),
+                "world_size": info.world_size, "rng": _rng_state(),
+            }, run_dir, step, cfg.train.keep_checkpoints)
+        dist.barrier()
+
+    c.model.train()
+    start_time = time.perf_counter()
+    start_step = step
+    speed.update(step * images_per_step)
+    try:
+        with StopFlag() as stop:
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+                    lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+                    tau = tau_at(step, total_steps, cfg.byol.tau_base)
+                    out = train_step(c, batch.view1, batch.view2, lr, tau)
+                    loss_sum += out.loss.detach()
+                    cos_sum += out.cosine
+                    std_sum += out.collapse_std
+                    window += 1
+                    step += 1
+                    if step % cfg.logging.log_every == 0 or step == total_steps:
+                        means = dist.all_reduce_mean(torch.stack([loss_sum, cos_sum, std_sum]) / window)
+                        loss, cos, std = means.tolist()  # the one host sync per log window
+                        record = {"step": step, "epoch": epoch, "loss": loss, "cosine": cos, "collapse_std": std,
+                                  "lr": lr, "tau": tau, "images_per_sec": speed.update(step * images_per_step),
+                                  "time": time.time()}
+                        monitor.log(record)
+                        loss_sum.zero_(), cos_sum.zero_(), std_sum.zero_()
+                        window = 0
+                    if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                        save()
+                    if step_hook is not None:
+                        step_hook(step)
+                    if _should_stop(stop, info, step % cfg.logging.log_every == 0):
+                        save()
+                        monitor.message(f"stopped by signal {stop.raised} at step {step}; checkpoint written, "
+                                        f"run the same command again to resume")
+                        raise Interrupted(f"interrupted at step {step}")
+                    if step >= total_steps:
+                        break
+        save()
+    finally:
+        monitor.close()
+
+    elapsed = time.perf_counter() - start_time
+    summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
+               "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
+               "wall_time_s": elapsed, "run_dir": str(run_dir)}
+    if info.is_main:
+        torch.save(checkpoint.encoder_state_dict(c.byol), run_dir / "encoder.pt")
+        if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    return summary
+
+
+def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool) -> bool:
+    """Whether to stop now. Distributed: agreed by an all-reduce at log steps only, so all ranks
+    stop at the same step and the other steps stay free of a host sync."""
+    if not info.enabled:
+        return stop.raised is not None
+    if not at_log_step:
+        return False
+    import torch.distributed as tdist
+
+    flag = torch.tensor([1.0 if stop.raised is not None else 0.0],
+                        device="cuda" if tdist.get_backend() == "nccl" else "cpu")
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    if flag.item() and stop.raised is None:
+        stop.raised = signal.SIGTERM
+    return bool(flag.item())
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The config stored in a run directory (config.yaml), validated."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {path} does not exist")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+__all__ = ["Components", "Interrupted", "build_components", "build_model", "load_run_config", "train", "train_step"]
