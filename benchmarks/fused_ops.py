@@ -1,0 +1,114 @@
+"""Fused (foreach) LARS step and target EMA update vs a per-parameter loop, on BYOL's ResNet-50.
+
+    python benchmarks/fused_ops.py --device cpu --repeats 30 --threads 1
+    python benchmarks/fused_ops.py --device cuda --repeats 200 --width 1
+
+Parameters: the online ResNet-50 encoder + projector + predictor (LARS, two groups as in
+fastbyol.byol.param_groups); the EMA covers encoder + projector. Gradients are random (the cost of
+both ops does not depend on the values). Variants are timed interleaved, one call each per round,
+so a change of machine load hits them alike; the table gives the median over the rounds.
+"GB/s" is the least memory traffic the op needs (LARS: read g, w, buf, write buf, w = 5 passes;
+EMA: read xi, theta, write xi = 3 passes) divided by the time: compare it with the device's peak.
+On a CPU, foreach ops are C++ loops over the tensors (no multi-tensor kernel), so expect foreach ~
+loop there; with several threads on a busy machine every per-tensor OpenMP region can stall, which
+favours the flat buffer (one region) far more than on an idle one: use --threads 1 for stable numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastbyol.byol import BYOL, param_groups
+from fastbyol.ema import TargetEMA
+from fastbyol.models.resnet import resnet50
+from fastbyol.optim import LARS
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds per call of each fn, timed one call per fn per round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def per_param_ema(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
+    with torch.no_grad():
+        for xi, theta in zip(target, online):
+            xi.lerp_(theta, 1.0 - tau)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each variant first")
+    parser.add_argument("--width", type=int, default=1, help="ResNet-50 width multiplier (1, 2, 4)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # on a shared machine, fewer threads than cores avoids stalls
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    byol = BYOL(resnet50(width=args.width), feature_dim=2048 * args.width).to(device)
+    byol_flat = copy.deepcopy(byol)  # flattening re-homes parameters: keep it off the other variants
+    groups = param_groups(byol, weight_decay=1.5e-6)
+    online = [p for g in groups for p in g["params"]]
+    for p in online:
+        p.grad = torch.randn_like(p) * 1e-3
+    n_lars = sum(p.numel() for p in online)
+    n_ema = sum(p.numel() for p in byol.online_network().parameters())
+
+    lars = {
+        "per-param loop": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=False),
+        "foreach": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=True),
+    }
+    ema_foreach = TargetEMA(byol.online_network(), byol.target_network())
+    ema_flat = TargetEMA(byol_flat.online_network(), byol_flat.target_network(), flat=True)
+    ema = {
+        "per-param loop": lambda: per_param_ema(ema_foreach.target, ema_foreach.online, 0.996),
+        "foreach": lambda: ema_foreach.update(0.996),
+        "flat": lambda: ema_flat.update(0.996),
+    }
+    lars_ms = time_interleaved({k: o.step for k, o in lars.items()}, args.repeats, args.warmup, device)
+    ema_ms = time_interleaved(ema, args.repeats, args.warmup, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"fused ops, BYOL ResNet-50 x{args.width}, fp32, {name}, median of {args.repeats}")
+    for col in ("op", "tensors", "params", "variant", "ms / step", "GB/s", "speed-up vs loop"):
+        table.add_column(col, justify="left" if col in ("op", "variant") else "right")
+    rows = [
+        ("LARS step", len(online), n_lars, 5, lars_ms),
+        ("target EMA", len(ema_foreach.online), n_ema, 3, ema_ms),
+    ]
+    for op, tensors, numel, passes, results in rows:
+        base = results["per-param loop"]
+        for variant, ms in results.items():
+            gbps = passes * numel * 4 / (ms * 1e-3) / 1e9
+            table.add_row(op, str(tensors), f"{numel / 1e6:.1f}M", variant, f"{ms:.3f}", f"{gbps:.1f}", f"{base / ms:.2f}x")
+        table.add_section()
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
