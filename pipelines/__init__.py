@@ -56,6 +56,7 @@ class DataConfig:
     drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
     on_bad_image: str = "skip"  # skip | error: what a corrupt or unreadable image does
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend
+    demo: bool = False  # write the demo image set (train/ and val/ beside data.path) if data.path is missing
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
 
@@ -91,6 +92,19 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
+def _ensure_demo(path: str) -> None:
+    """Create the demo set if `path` (which must be <root>/train) does not exist yet."""
+    from pathlib import Path
+
+    from pipelines.demo import make_demo_splits
+
+    target = Path(path)
+    if target.name != "train":
+        raise ValueError(f"data.demo = true needs data.path ending in /train (the demo's train split), got {path!r}")
+    if not target.exists():
+        make_demo_splits(target.parent)
+
+
 def build_loader(
     data: DataConfig,
     augment: AugmentConfig,
@@ -101,6 +115,8 @@ def build_loader(
 ) -> TwoViewLoader:
     """The two-view loader of `data.backend`, sharded for `rank` of `world_size`."""
     data.validate()
+    if data.demo:
+        _ensure_demo(data.path)
     module = importlib.import_module(f"pipelines.{data.backend}")
     return module.build(data, augment, device, rank=rank, world_size=world_size, seed=seed)
 
