@@ -1,0 +1,243 @@
+"""The ffcv backend: two-crop decoder, order, sharding and seeding of the two-view loader."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import DataConfig, FFCVOptions, build_loader
+from pipelines.crops import sample_crop
+from pipelines.ffcv import quasi_random_shard, random_batches
+from pipelines.policy import AugmentConfig
+
+N = 24  # images in the test beton; label i = sample index i
+BATCH = 6
+CROP = 16
+
+
+def _ramp(i: int, h: int, w: int) -> np.ndarray:
+    """R = row, G = column, B = 10 x image index: a crop's mean R / G locate its box."""
+    rows, cols = np.mgrid[0:h, 0:w]
+    return np.stack([rows, cols, np.full((h, w), 10 * i)], axis=-1).astype(np.uint8)
+
+
+def _sizes(i: int) -> tuple[int, int]:
+    return 40 + (7 * i) % 50, 40 + (13 * i) % 60  # varied sizes and aspect ratios
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory) -> str:
+    """N ramp images written with FFCV's own writer, half JPEG and half raw, label = index."""
+    pytest.importorskip("ffcv")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Ramps:
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return _ramp(i, *_sizes(i)), i
+
+    path = str(tmp_path_factory.mktemp("ffcv") / "ramps.beton")
+    np.random.seed(0)  # the writer's raw/jpg choice in proportion mode
+    fields = {"image": RGBImageField(write_mode="proportion", compress_probability=0.5,
+                                     jpeg_quality=95),
+              "label": IntField()}
+    DatasetWriter(path, fields, num_workers=1).from_indexed_dataset(Ramps())
+    return path
+
+
+def _augment() -> AugmentConfig:
+    augment = AugmentConfig()
+    augment.set_crop_size(CROP)
+    augment.view2.crop_scale = (0.3, 0.6)  # differs from view 1: the decoder must use both
+    return augment
+
+
+def _loader(path, seed=0, rank=0, world_size=1, num_workers=1, batch_size=BATCH, **kw):
+    data = DataConfig(backend="ffcv", path=path, batch_size=batch_size,
+                      num_workers=num_workers, **kw)
+    return build_loader(data, _augment(), torch.device("cpu"), rank=rank,
+                        world_size=world_size, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def loader(beton):
+    return _loader(beton, seed=3)
+
+
+class _FakeRng:
+    """Plays uniforms u to sample_crop the way crop_from_uniforms reads them: try t uses
+    u[4t], u[4t+1] for area and ratio and u[4t+2], u[4t+3] for the position."""
+
+    def __init__(self, u):
+        self.u, self.uniforms, self.ints = u, 0, 0
+
+    def uniform(self, lo, hi):
+        t, k = divmod(self.uniforms, 2)
+        self.uniforms += 1
+        return lo + (hi - lo) * self.u[4 * t + k]
+
+    def integers(self, lo, hi):
+        t = (self.uniforms - 1) // 2
+        self.ints += 1
+        return lo + int(math.floor(self.u[4 * t + 1 + self.ints] * (hi - lo)))
+
+
+def test_decoder_crop_is_sample_crop():
+    """The numba crop sampler is the reference algorithm (pipelines.crops.sample_crop)."""
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_decode import DRAWS, crop_from_uniforms
+
+    rng = np.random.default_rng(0)
+    fallbacks = 0
+    for case in range(300):
+        h, w = (int(x) for x in rng.integers(1, 300, 2))
+        if case % 3 == 0:  # extreme shapes and large areas exercise the fallback
+            h, w = int(rng.integers(1, 8)), int(rng.integers(100, 300))
+        scale = (0.9, 1.0) if case % 3 == 0 else (0.08, 1.0)
+        ratio = (3 / 4, 4 / 3)
+        u = rng.random(DRAWS)
+        mine = crop_from_uniforms(u, h, w, scale[0], scale[1], math.log(ratio[0]), math.log(ratio[1]))
+        ref = sample_crop(_FakeRng(u), h, w, scale, ratio)
+        assert tuple(int(v) for v in mine) == ref, (h, w, scale)
+        fallbacks += ref[2:] == (h, min(w, round(h * 4 / 3)))
+    assert fallbacks > 0
+
+
+def test_uniforms_are_keyed_and_uniform():
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_decode import fill_uniforms
+
+    a, b, c = np.empty(4000), np.empty(4000), np.empty(4000)
+    fill_uniforms(np.uint64(7), 5, 0, a)
+    fill_uniforms(np.uint64(7), 5, 1, b)
+    fill_uniforms(np.uint64(7), 6, 0, c)
+    again = np.empty(4000)
+    fill_uniforms(np.uint64(7), 5, 0, again)
+    np.testing.assert_array_equal(a, again)
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    for x in (a, b, c):
+        assert 0.0 <= x.min() and x.max() < 1.0
+        assert abs(x.mean() - 0.5) < 0.02 and abs(x.var() - 1 / 12) < 0.01
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.06
+
+
+def test_raw_crops_are_the_keyed_boxes(loader):
+    """Each view's crop is the box drawn for (epoch key, sample index, view), resized: its
+    mean R (row) and G (column) are the box's center; B is the sample's own index."""
+    from pipelines.ffcv_decode import DRAWS, crop_from_uniforms, fill_uniforms
+    from pipelines.seeding import derive_seed
+
+    key = np.uint64(derive_seed(loader.seed, 0))
+    scales = (loader.augment.view1.crop_scale, loader.augment.view2.crop_scale)
+    ratio = loader.augment.view1.crop_ratio
+    checked = 0
+    for crops, labels in loader.raw_batches(0):
+        assert crops.shape == (BATCH, 2, CROP, CROP, 3) and crops.dtype == torch.uint8
+        for crop, index in zip(crops.numpy().astype(float), labels.numpy().ravel()):
+            assert abs(crop[..., 2].mean() - 10 * index) < 4  # the right image (JPEG: ~1-3 off)
+            h_img, w_img = _sizes(int(index))
+            for view in range(2):
+                u = np.empty(DRAWS)
+                fill_uniforms(key, int(index), view, u)
+                top, left, h, w = crop_from_uniforms(u, h_img, w_img, *scales[view],
+                                                     math.log(ratio[0]), math.log(ratio[1]))
+                assert abs(crop[view, ..., 0].mean() - (top + (h - 1) / 2)) < 1.5
+                assert abs(crop[view, ..., 1].mean() - (left + (w - 1) / 2)) < 1.5
+                checked += 1
+    assert checked == 2 * N
+
+
+def test_two_views_of_the_asked_size_and_each_image_once(loader):
+    assert len(loader) == N // BATCH
+    seen = []
+    for batch in loader.epoch(0):
+        for view in (batch.view1, batch.view2):
+            assert view.shape == (BATCH, 3, CROP, CROP) and view.dtype == torch.float32
+            assert view.is_contiguous(memory_format=torch.channels_last)
+            assert torch.isfinite(view).all()
+        assert not torch.allclose(batch.view1, batch.view2)
+        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (BATCH,)
+        seen += batch.labels.tolist()
+    assert sorted(seen) == list(range(N))
+    order1 = [i for b in loader.epoch(1) for i in b.labels.tolist()]
+    assert sorted(order1) == list(range(N)) and order1 != seen  # a new permutation per epoch
+
+
+def test_same_seed_same_batches_any_thread_count_and_resume(beton, loader):
+    """A second loader with the same seed but 2 threads gives the same first batch; a resumed
+    epoch (start_step) gives what the uninterrupted one gave from that step on."""
+    other = _loader(beton, seed=3, num_workers=2)
+    a, b = next(iter(loader.epoch(0))), next(iter(other.epoch(0)))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    full = list(loader.epoch(2))
+    resumed = list(loader.epoch(2, start_step=2))
+    assert len(resumed) == len(full) - 2
+    for want, got in zip(full[2:], resumed):
+        for x, y in zip(want, got):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    c = next(iter(loader.epoch(1)))
+    assert not torch.equal(a.view1, c.view1)
+
+
+def test_two_ranks_cover_the_dataset_without_overlap(beton):
+    """Rank 0 and rank 1 of a world of 2: disjoint shards whose union is the dataset."""
+    ranks = [_loader(beton, seed=5, rank=r, world_size=2, batch_size=2 * 4) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == N // 8
+    shards = [[i for b in r.epoch(0) for i in b.labels.tolist()] for r in ranks]
+    assert all(len(s) == N // 2 for s in shards)
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(N))
+
+
+@pytest.mark.parametrize("n,world,batch,drop_last", [(24, 2, 8, True), (25, 3, 6, False),
+                                                     (10, 4, 4, False), (31, 2, 4, True)])
+def test_random_batches_shard_every_epoch(n, world, batch, drop_last):
+    for epoch in range(3):
+        per_rank = [random_batches(n, epoch, 0, batch, r, world, drop_last) for r in range(world)]
+        steps = {len(b) for b in per_rank}
+        assert steps == {n // batch if drop_last else math.ceil(n / batch)}
+        for step in range(steps.pop()):
+            sizes = {len(b[step]) for b in per_rank}
+            assert len(sizes) == 1  # same batch size on every rank
+            ids = [i for b in per_rank for i in b[step].tolist()]
+            if drop_last:
+                assert len(set(ids)) == len(ids) == batch  # no overlap
+        flat = {i for b in per_rank for s in b for i in s.tolist()}
+        if not drop_last:
+            assert flat == set(range(n))  # every image is seen
+    shards = [quasi_random_shard(n, r, world) for r in range(world)]
+    assert len(set(np.concatenate(shards).tolist())) == world * (n // world)
+
+
+def test_quasi_random_order_and_process_cache(beton):
+    """quasi_random order with FFCV's process cache: every image of the rank's block once."""
+    q = _loader(beton, seed=1, batch_size=4, drop_last=False,
+                ffcv=FFCVOptions(order="quasi_random", os_cache=False))
+    labels = [i for crops, lab in q.raw_batches(0) for i in lab.numpy().ravel().tolist()]
+    assert sorted(labels) == list(range(N))
+    again = [i for crops, lab in q.raw_batches(0) for i in lab.numpy().ravel().tolist()]
+    assert labels == again
+
+
+def test_missing_ffcv_says_what_to_install(monkeypatch):
+    import builtins
+
+    import pipelines.ffcv as backend
+
+    real_import = builtins.__import__
+
+    def no_ffcv(name, *args, **kwargs):
+        if name == "ffcv" or name.startswith("ffcv."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ffcv)
+    with pytest.raises(ImportError, match="install_ffcv.sh"):
+        backend.require_ffcv()
