@@ -54,11 +54,131 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_convert)
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from fastbyol.profile import add_profile_arguments, run_profile
+
+    p = sub.add_parser("profile", help="loader-only, model-only and end-to-end images/sec of a config")
+    add_profile_arguments(p)
+    p.set_defaults(func=run_profile)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastbyol import evaluate as ev
+    from fastbyol.dist import resolve_device
+
+    try:  # bad folders, subset files or weights raise ValueError naming the file: a clean error, not a traceback
+        loaded = ev.load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
+        train, val = args.train or loaded.train_path, args.val or loaded.val_path
+        if not (train and val):
+            raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
+                              "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
+        data = ev.EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
+                                        std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
+                                        channels_last=args.channels_last)
+        encoder = loaded.encoder.to(resolve_device(args.device))
+        if args.channels_last:
+            encoder = encoder.to(memory_format=torch.channels_last)
+        if args.protocol == "knn":
+            result, name = ev.knn_eval(encoder, data, args.k, args.temperature), "knn"
+        elif args.protocol == "linear":
+            result = ev.linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                    precompute=args.precompute, seed=args.seed, log=err.print)
+            name = "linear_precomputed" if args.precompute else "linear"
+        else:
+            subset = ev.label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
+                                     subset_file=args.subset, root=train, seed=args.seed)
+            result = ev.finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
+                                 weight_decay=args.weight_decay, seed=args.seed, log=err.print)
+            name = f"finetune_{args.label_fraction * 100:g}pct" if args.subset is None else f"finetune_{args.subset.stem}"
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.random_init:
+        name += "_random_init"
+    result.update(source=loaded.source, train=str(train), val=str(val),
+                  encoder={"depth": loaded.depth, "width": loaded.width, "stem": loaded.stem})
+    path = ev.write_result(result, args.out or ev.default_result_path(args.source, name))
+    variant = f" ({result['variant']})" if "variant" in result else ""
+    err.print(f"{result['protocol']}{variant}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"({result['num_val']} val images, {result['num_classes']} classes, {result['time_s']:.0f} s)")
+    print(path)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("eval", help="kNN, linear or fine-tuning evaluation of a pretrained encoder")
+    protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    helps = {"knn": "weighted kNN (cosine, exp(sim/T) votes) on frozen features",
+             "linear": "the paper's linear evaluation: frozen encoder, linear classifier, SGD Nesterov, cosine lr",
+             "finetune": "the paper's semi-supervised protocol: fine-tune encoder + linear head on 1%% / 10%% of labels"}
+    for name, text in helps.items():
+        q = protocols.add_parser(name, help=text, description=text)
+        q.add_argument("source", help="run directory, checkpoint_*.pt or encoder.pt")
+        q.add_argument("--train", help="labeled ImageFolder to train on / the kNN bank (default: the run's eval.train_path)")
+        q.add_argument("--val", help="labeled ImageFolder to test on (default: the run's eval.val_path)")
+        q.add_argument("--image-size", type=int, default=0, help="test crop size (default: the run's, else 224)")
+        q.add_argument("--batch-size", type=int, default=256, help="images per batch")
+        q.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        q.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+        q.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
+        q.add_argument("--depth", type=int, help="ResNet depth (default: the run's, else read from the weights)")
+        q.add_argument("--width", type=int, help="width multiplier (default: the run's, else read from the weights)")
+        q.add_argument("--stem", choices=("imagenet", "cifar"), help="stem (default: the run's, else from the weights)")
+        q.add_argument("--random-init", action="store_true",
+                       help="ignore the weights: the same encoder as initialised by the run's seed (the baseline)")
+        q.add_argument("--out", type=Path, help="result JSON (default: RUN_DIR/eval_<protocol>.json)")
+        q.set_defaults(func=_eval)
+        if name == "knn":
+            q.add_argument("--k", type=int, default=20, help="neighbours per vote")
+            q.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / temperature)")
+            continue
+        q.add_argument("--epochs", type=int, default=80 if name == "linear" else 30)
+        q.add_argument("--lr", type=float, help="peak lr, cosine-decayed to 0 (default: "
+                       + ("0.2" if name == "linear" else "0.05") + " * batch / 256)")
+        q.add_argument("--weight-decay", type=float, default=0.0)
+        q.add_argument("--seed", type=int, default=0, help="order, crops and (finetune) the label subset")
+        if name == "linear":
+            q.add_argument("--precompute", action="store_true",
+                           help="fast variant: encode the images once without augmentation, train on cached features")
+        else:
+            which = q.add_mutually_exclusive_group(required=True)
+            which.add_argument("--label-fraction", type=float, help="labeled share per class, e.g. 0.01 or 0.1")
+            which.add_argument("--subset", type=Path, help="file listing the labeled images (relative paths or names)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastbyol.export import export_encoder
+
+    try:
+        info = export_encoder(args.source, args.out)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    err.print(f"wrote {info['path']}: ResNet-{info['depth']} {info['width']}x {info['stem']} stem, "
+              f"{info['num_params'] / 1e6:.1f}M parameters, from {info['source']}")
+    err.print(info["note"])
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the online encoder as a torchvision-style ResNet state_dict")
+    p.add_argument("source", help="run directory (its newest checkpoint, else encoder.pt), checkpoint_*.pt or encoder.pt")
+    p.add_argument("out", help="output file, e.g. encoder.pt (written atomically)")
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbyol", description="BYOL pretraining, as fast as the hardware allows.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_train(sub)
     _add_convert(sub)
+    _add_profile(sub)
+    _add_eval(sub)
+    _add_export(sub)
     return parser
 
 

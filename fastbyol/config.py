@@ -133,13 +133,42 @@ class LoggingConfig:
 
 @dataclass
 class DistConfig:
-    sync_bn: bool = True  # BatchNorm -> SyncBatchNorm on GPUs (the paper's statistics over the global batch)
+    sync_bn: bool = True  # BatchNorm statistics over the global batch: torch SyncBatchNorm on GPUs, CPUSyncBatchNorm (gloo) on CPUs
     bucket_cap_mb: int = 25  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
 
     def validate(self) -> None:
         if self.bucket_cap_mb < 1:
             raise ConfigError(f"dist.bucket_cap_mb = {self.bucket_cap_mb}: expected >= 1")
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 0  # epochs between kNN evaluations during training (0 = off); logged as knn_top1, knn_top5
+    train_path: str = ""  # labeled ImageFolder whose features are the kNN bank (e.g. the train split)
+    val_path: str = ""  # labeled ImageFolder classified by the kNN vote (e.g. the val split)
+    k: int = 20  # neighbours per vote (kNN)
+    temperature: float = 0.07  # vote weight exp(cosine / temperature)
+    batch_size: int = 256  # images per feature-extraction forward, per rank
+    image_size: int = 0  # test center-crop size (0 = the training crop size); resize 256/224 from 128 px up
+    num_workers: int = 4  # CPU workers decoding the eval images, per rank
+
+    def validate(self) -> None:
+        if self.knn_every < 0:
+            raise ConfigError(f"eval.knn_every = {self.knn_every}: expected >= 0 (0 = off)")
+        if self.knn_every and not (self.train_path and self.val_path):
+            raise ConfigError(f"eval.knn_every = {self.knn_every} needs eval.train_path and eval.val_path "
+                              f"(labeled ImageFolders); got {self.train_path!r} and {self.val_path!r}")
+        if self.k < 1:
+            raise ConfigError(f"eval.k = {self.k}: expected >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"eval.temperature = {self.temperature}: expected > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size = {self.batch_size}: expected >= 1")
+        if self.image_size < 0 or 0 < self.image_size < 8:
+            raise ConfigError(f"eval.image_size = {self.image_size}: expected 0 (the training crop size) or >= 8")
+        if self.num_workers < 0:
+            raise ConfigError(f"eval.num_workers = {self.num_workers}: expected >= 0")
 
 
 @dataclass
@@ -152,6 +181,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section; ValueErrors of the sections become ConfigErrors."""
@@ -326,3 +356,21 @@ def config_reference() -> str:
 
     walk(Config(), "")
     return "\n".join(rows)
+
+
+def update_readme(path: Path) -> None:
+    """Replace the table between README's config-reference markers with the current reference."""
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    text = Path(path).read_text()
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    Path(path).write_text(f"{head}{start}\n{config_reference()}\n{end}{tail}")
+
+
+if __name__ == "__main__":  # python -m fastbyol.config [README.md]: print the reference, or update README
+    import sys
+
+    if len(sys.argv) > 1:
+        update_readme(Path(sys.argv[1]))
+    else:
+        print(config_reference())

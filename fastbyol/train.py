@@ -28,13 +28,14 @@ from fastbyol import checkpoint, dist
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
 from fastbyol.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
 from fastbyol.ema import TargetEMA
+from fastbyol.evaluate import KNNMonitor
 from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
 from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS, lr_at, tau_at
 
 # Keys that may differ between a run directory's config and the config resuming it: they change
 # how a run is watched or fed, never what it computes.
-RESUMABLE_CHANGES = ("logging.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
+RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.device")
 
 
@@ -64,8 +65,8 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     """Model (DDP-wrapped when distributed), LARS, target EMA, grad scaler and autocast of the config."""
     torch.manual_seed(cfg.train.seed)
     byol = build_model(cfg)
-    if info.enabled and device.type == "cuda" and cfg.dist.sync_bn:
-        byol = nn.SyncBatchNorm.convert_sync_batchnorm(byol)
+    if info.enabled and cfg.dist.sync_bn:
+        byol = dist.convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)
@@ -211,6 +212,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     monitor = RunMonitor(run_dir, total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
     if state is not None:
         monitor.message(f"resumed from {state['path']} at step {step}")
+    knn = KNNMonitor.from_config(cfg) if cfg.eval.knn_every else None
     images_per_step = loader.batch_size * info.world_size
     speed = Throughput()
     loss_sum = torch.zeros((), device=device)
@@ -246,12 +248,21 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                     std_sum += out.collapse_std
                     window += 1
                     step += 1
-                    if step % cfg.logging.log_every == 0 or step == total_steps:
+                    at_knn = (knn is not None and step % steps_per_epoch == 0
+                              and (step // steps_per_epoch) % cfg.eval.knn_every == 0)
+                    if step % cfg.logging.log_every == 0 or step == total_steps or at_knn:
                         means = dist.all_reduce_mean(torch.stack([loss_sum, cos_sum, std_sum]) / window)
                         loss, cos, std = means.tolist()  # the one host sync per log window
                         record = {"step": step, "epoch": epoch, "loss": loss, "cosine": cos, "collapse_std": std,
                                   "lr": lr, "tau": tau, "images_per_sec": speed.update(step * images_per_step),
                                   "time": time.time()}
+                        if at_knn:  # on every rank: each encodes its share of the eval images
+                            record.update(knn(c.byol.online_encoder))
+                            speed.reset()  # the evaluation's pause is not training throughput
+                            speed.update(step * images_per_step)
+                            if monitor.mode == "rich":  # plain lines show the record's knn_* keys already
+                                monitor.message(f"epoch {step // steps_per_epoch}: kNN top-1 {record['knn_top1']:.2f}%"
+                                                f"  top-5 {record['knn_top5']:.2f}%")
                         monitor.log(record)
                         loss_sum.zero_(), cos_sum.zero_(), std_sum.zero_()
                         window = 0
