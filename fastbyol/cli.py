@@ -68,34 +68,29 @@ def _eval(args: argparse.Namespace) -> int:
     from fastbyol import evaluate as ev
     from fastbyol.dist import resolve_device
 
-    try:  # bad folders, subset files or weights raise ValueError naming the file: a clean error, not a traceback
-        loaded = ev.load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
-        train, val = args.train or loaded.train_path, args.val or loaded.val_path
-        if not (train and val):
-            raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
-                              "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
-        data = ev.EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
-                                        std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
-                                        channels_last=args.channels_last)
-        encoder = loaded.encoder.to(resolve_device(args.device))
-        if args.channels_last:
-            encoder = encoder.to(memory_format=torch.channels_last)
-        if args.protocol == "knn":
-            result, name = ev.knn_eval(encoder, data, args.k, args.temperature), "knn"
-        elif args.protocol == "linear":
-            result = ev.linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                                    precompute=args.precompute, seed=args.seed, log=err.print)
-            name = "linear_precomputed" if args.precompute else "linear"
-        else:
-            subset = ev.label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
-                                     subset_file=args.subset, root=train, seed=args.seed)
-            result = ev.finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
-                                 weight_decay=args.weight_decay, seed=args.seed, log=err.print)
-            name = f"finetune_{args.label_fraction * 100:g}pct" if args.subset is None else f"finetune_{args.subset.stem}"
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    loaded = ev.load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
+    train, val = args.train or loaded.train_path, args.val or loaded.val_path
+    if not (train and val):
+        raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
+                          "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
+    data = ev.EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
+                                    std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
+                                    channels_last=args.channels_last)
+    encoder = loaded.encoder.to(resolve_device(args.device))
+    if args.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    if args.protocol == "knn":
+        result, name = ev.knn_eval(encoder, data, args.k, args.temperature), "knn"
+    elif args.protocol == "linear":
+        result = ev.linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                precompute=args.precompute, seed=args.seed, log=err.print)
+        name = "linear_precomputed" if args.precompute else "linear"
+    else:
+        subset = ev.label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
+                                 subset_file=args.subset, root=train, seed=args.seed)
+        result = ev.finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed, log=err.print)
+        name = f"finetune_{args.label_fraction * 100:g}pct" if args.subset is None else f"finetune_{args.subset.stem}"
     if args.random_init:
         name += "_random_init"
     result.update(source=loaded.source, train=str(train), val=str(val),
@@ -154,10 +149,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from fastbyol.export import export_encoder
 
-    try:
-        info = export_encoder(args.source, args.out)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    info = export_encoder(args.source, args.out)
     err.print(f"wrote {info['path']}: ResNet-{info['depth']} {info['width']}x {info['stem']} stem, "
               f"{info['num_params'] / 1e6:.1f}M parameters, from {info['source']}")
     err.print(info["note"])
@@ -186,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, NotADirectoryError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
-    except ImportError as e:  # an optional backend asked for and missing: the message says what to install
+    # Bad input (ConfigError is a ValueError; missing files) and missing optional backends: their
+    # messages name the key, the path or the package to install, so a traceback adds nothing.
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
 

@@ -1,0 +1,109 @@
+"""Config: YAML round trip, overrides, and the error each kind of bad input gives."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastbyol.config import Config, ConfigError, config_from_dict, config_reference, dump_yaml, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {path: /x, batch_size: 512}\naugment: {view2: {solarize_p: 0.3}}\n"))
+    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    assert again == cfg
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert again.augment.view2.solarize_p == 0.3
+    assert again.augment.view1.crop_scale == (0.08, 1.0)  # lists come back as tuples
+
+
+def test_defaults_are_the_paper_values():
+    cfg = Config()
+    assert (cfg.model.depth, cfg.data.batch_size, cfg.byol.tau_base) == (50, 4096, 0.996)
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.eta) == (0.9, 1.5e-6, 1e-3)
+    assert cfg.optim.peak_lr(4096) == pytest.approx(0.2 * 4096 / 256)
+    assert (cfg.augment.view1.blur_p, cfg.augment.view2.blur_p) == (1.0, 0.1)
+    assert (cfg.augment.view1.solarize_p, cfg.augment.view2.solarize_p) == (0.0, 0.2)
+
+
+def test_overrides_apply_after_the_file(tmp_path):
+    path = write(tmp_path, "data: {path: /x}\noptim: {base_lr: 0.3}\n")
+    cfg = load_config(path, ["optim.base_lr=0.5", "augment.view1.crop_scale=[0.2, 1.0]", "train.precision=fp32",
+                             "optim.lr=1e-3"])
+    assert cfg.optim.base_lr == 0.5
+    assert cfg.augment.view1.crop_scale == (0.2, 1.0)
+    assert cfg.train.precision == "fp32"
+    assert cfg.optim.peak_lr(4096) == 1e-3  # an explicit lr wins over base_lr scaling
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("optim: {base_lrr: 0.1}\n", [], "unknown key optim.base_lrr in {file}; did you mean optim.base_lr?"),
+        ("", ["trian.epochs=3"], "unknown key trian in the command line; did you mean train?"),
+        ("", ["train.epochs=many"], "train.epochs = 'many': expected an integer"),
+        ("", ["train.epochs=2.5"], "train.epochs = 2.5: expected an integer"),
+        ("", ["model.channels_last=yes please"], "model.channels_last = 'yes please': expected true or false"),
+        ("", ["optim.base_lr=-0.1"], "optim.base_lr = -0.1: expected a positive learning rate"),
+        ("", ["byol.tau_base=1.5"], "byol.tau_base = 1.5: expected a value in [0, 1]"),
+        ("", ["augment.view2.solarize_p=2"], "augment.view2.solarize_p = 2.0: expected a probability in [0, 1]"),
+        ("", ["augment.view1.crop_scale=[0.5]"], "augment.view1.crop_scale = [0.5]: expected a list of 2 numbers"),
+        ("", ["data.backend=tfrecord"], "data.backend = 'tfrecord': expected one of folder, synthetic, ffcv, dali"),
+        ("", ["model.depth=51"], "model.depth = 51: expected 18, 34, 50, 101, 152 or 200"),
+        ("", ["epochs"], "override 'epochs': expected key=value"),
+        ("data: [1, 2]\n", [], "data in {file}: expected a mapping of keys"),
+    ],
+)
+def test_bad_input_names_the_key(tmp_path, text, overrides, message):
+    path = write(tmp_path, "data: {path: /x}\n" + text if not text.startswith("data") else text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message.format(file=path) in str(err.value)
+
+
+def test_batch_must_split_across_ranks(tmp_path):
+    path = write(tmp_path, "data: {path: /x, batch_size: 100}\n")
+    load_config(path, world_size=4)
+    with pytest.raises(ConfigError, match=r"data.batch_size = 100: not divisible by the number of ranks \(3\)"):
+        load_config(path, world_size=3)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(write(tmp_path, "data: {path: [\n"))
+
+
+def test_reference_lists_every_key_and_readme_is_current():
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    reference = config_reference()
+    for key in keys(Config()):
+        assert f"| `{key}` |" in reference
+    assert reference in (ROOT / "README.md").read_text(), (
+        "README.md's config reference is stale: paste the output of `python -m fastbyol.config` into it")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    values = yaml.safe_load((ROOT / "configs" / name).read_text())
+    assert isinstance(values, dict)
+    load_config(ROOT / "configs" / name, ["data.path=/some/train"] if not values.get("data", {}).get("path") else [])
