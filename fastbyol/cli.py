@@ -9,7 +9,7 @@ from rich.console import Console
 
 from fastbyol.config import ConfigError
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:

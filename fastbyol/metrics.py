@@ -73,11 +73,11 @@ class RunMonitor:
             self.console.print(
                 f"step {record['step']}/{self.total_steps}  epoch {record['epoch']}  "
                 f"{record['images_per_sec']:.1f} img/s  loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
-                f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}{extra}", highlight=False)
+                f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}{extra}", highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)  # a log file wants whole lines
 
     def close(self) -> None:
         if self.progress is not None:

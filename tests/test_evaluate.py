@@ -21,16 +21,9 @@ from fastbyol.models.resnet import resnet
 from fastbyol.train import train
 from pipelines.demo import make_demo_splits
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COLORS = {"blue": (40, 60, 210), "green": (40, 200, 60), "red": (210, 50, 40)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -16,26 +15,7 @@ from fastbyol.export import build_encoder, encoder_state, export_encoder, infer_
 from fastbyol.models.resnet import STAGES, resnet
 from fastbyol.train import build_model
 
-DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def torchvision_keys(depth: int) -> dict[str, list[int]]:
-    """torchvision's resnetN().state_dict() keys and shapes, fc dropped (tools/make_torchvision_keys.py)."""
-    out = {}
-    for line in (DATA / f"torchvision_resnet{depth}_keys.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split(" ", 1)
-            out[key] = json.loads(shape)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(run_dir: Path, depth: int, stem: str = "imagenet", steps: tuple[int, ...] = (10,)) -> list:
@@ -58,7 +38,7 @@ def make_run(run_dir: Path, depth: int, stem: str = "imagenet", steps: tuple[int
 
 
 @pytest.mark.parametrize("depth", [18, 50])
-def test_exported_keys_and_shapes_are_torchvision_minus_fc(tmp_path, depth):
+def test_exported_keys_and_shapes_are_torchvision_minus_fc(tmp_path, depth, torchvision_keys):
     (byol,) = make_run(tmp_path / "run", depth)
     out = tmp_path / "exported" / "encoder.pt"
     info = export_encoder(tmp_path / "run", out)

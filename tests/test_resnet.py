@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastbyol.models.resnet import resnet, resnet18, resnet50
 
-DATA = Path(__file__).parent / "data"
 
 
 def meta_resnet(depth: int, **kwargs):
@@ -19,18 +16,8 @@ def meta_resnet(depth: int, **kwargs):
         return resnet(depth, **kwargs)
 
 
-def torchvision_keys(depth: int) -> dict[str, list[int]]:
-    """Written by tools/make_torchvision_keys.py from torchvision's resnetN().state_dict(), minus fc."""
-    out = {}
-    for line in (DATA / f"torchvision_resnet{depth}_keys.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split(" ", 1)
-            out[key] = json.loads(shape)
-    return out
-
-
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
-def test_state_dict_matches_torchvision(depth):
+def test_state_dict_matches_torchvision(depth, torchvision_keys):
     expected = torchvision_keys(depth)
     ours = {k: list(v.shape) for k, v in meta_resnet(depth).state_dict().items()}
     assert list(ours) == list(expected)  # same keys, same order

@@ -1,0 +1,36 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _torchvision_keys(depth: int) -> dict[str, list[int]]:
+    out = {}
+    for line in (DATA / f"torchvision_resnet{depth}_keys.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            out[key] = json.loads(shape)
+    return out
+
+
+@pytest.fixture
+def torchvision_keys() -> Callable[[int], dict[str, list[int]]]:
+    """depth -> torchvision's resnetN().state_dict() keys and shapes, fc dropped (tools/make_torchvision_keys.py)."""
+    return _torchvision_keys
