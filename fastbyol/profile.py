@@ -336,11 +336,16 @@ def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None 
     if peak_memory and device is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         memory = f" (peak {peak_memory / 2**30:.1f} of {total / 2**30:.1f} GiB used)"
-    model_side = [
+    # NHWC and bf16 pay on GPU tensor cores; on a CPU without AMX bf16 autocast is far slower than
+    # fp32 (28x for the quickstart step on a 2-core AVX2 machine), so they are GPU-only advice.
+    on_gpu = device is not None and device.type == "cuda"
+    gpu_side = [
         {"key": "model.channels_last", "current": m.channels_last, "already": m.channels_last,
          "suggestion": "NHWC convolutions (tensor cores)"},
         {"key": "train.precision", "current": cfg.train.precision, "already": cfg.train.precision != "fp32",
          "suggestion": "bf16 autocast"},
+    ]
+    model_side = (gpu_side if on_gpu else []) + [
         {"key": "model.compile", "current": m.compile, "already": m.compile,
          "suggestion": "torch.compile the networks (fewer, fused kernels)"},
         {"key": "data.batch_size", "current": d.batch_size, "already": None,

@@ -130,7 +130,7 @@ def test_a_run_dir_with_another_config_is_refused(tmp_path):
 def test_quickstart_runs_at_reduced_length(tmp_path):
     demo = tmp_path / "demo" / "train"
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      [f"data.path={demo}", f"train.run_dir={tmp_path / 'run'}", "train.max_steps=3",
+                      [f"data.path={demo}", f"train.run_dir={tmp_path / 'run'}", "train.max_steps=3", "eval.knn_every=0",
                        "logging.progress=plain", "logging.log_every=1", "data.num_workers=0"])
     summary = train(cfg)
     assert summary["steps"] == 3
