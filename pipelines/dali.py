@@ -53,7 +53,6 @@ running every skipped batch.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -63,7 +62,8 @@ import torch
 
 from pipelines import Batch, DataConfig, per_rank_batch
 from pipelines.policy import GRAY_WEIGHTS, AugmentConfig, ViewPolicy
-from pipelines.seeding import derive_seed, numpy_rng
+from pipelines.sharding import rank_batches, steps_per_epoch
+from pipelines.seeding import derive_seed
 
 INSTALL_HINT = (
     "pip install nvidia-dali-cuda130 (CUDA 13 driver) or nvidia-dali-cuda120 (CUDA 12 driver); "
@@ -138,32 +138,6 @@ def list_images(path: str) -> tuple[list[str], list[int]]:
 
     paths, labels, _ = find_images(path)
     return paths, labels
-
-
-def steps_per_epoch(n: int, global_batch: int, drop_last: bool) -> int:
-    """Steps in an epoch of n images: full global batches, plus a partial one if not drop_last."""
-    return n // global_batch if drop_last else math.ceil(n / global_batch)
-
-
-def rank_batches(
-    n: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool
-) -> list[np.ndarray]:
-    """Indices of this rank's images at every step of `epoch` (one array per step).
-
-    The epoch is numpy_rng(seed, epoch).permutation(n) cut into global batches; rank r takes the
-    r-th of world_size equal slices of each. An incomplete last global batch (drop_last false)
-    is padded to a multiple of world_size with the epoch's first images.
-    """
-    order = numpy_rng(seed, epoch).permutation(n)
-    batches = []
-    for step in range(steps_per_epoch(n, global_batch, drop_last)):
-        chunk = order[step * global_batch:(step + 1) * global_batch]
-        pad = -len(chunk) % world_size
-        if pad:
-            chunk = np.concatenate([chunk, np.resize(order, pad)])
-        share = len(chunk) // world_size
-        batches.append(chunk[rank * share:(rank + 1) * share])
-    return batches
 
 
 # ---- the DALI graph (traced by DALI's autograph: `if` on a DataNode is per-sample) ----------

@@ -24,7 +24,6 @@ changes pixels), a different world size, and float rounding in GPU kernels.
 
 from __future__ import annotations
 
-import math
 import queue
 from typing import Iterator
 
@@ -34,7 +33,8 @@ import torch
 from pipelines import Batch, DataConfig, per_rank_batch
 from pipelines.gpu_augment import make_view
 from pipelines.policy import AugmentConfig
-from pipelines.seeding import derive_seed, generator, numpy_rng
+from pipelines.sharding import rank_batches, steps_per_epoch
+from pipelines.seeding import derive_seed, generator
 
 INSTALL_HINT = (
     "the ffcv backend needs FFCV 1.0.2, built from source: install Debian's pkg-config "
@@ -53,23 +53,8 @@ def require_ffcv() -> None:
 
 def random_batches(n: int, epoch: int, seed: int, global_batch: int, rank: int,
                    world_size: int, drop_last: bool) -> list[np.ndarray]:
-    """This rank's sample indices for each step of `epoch` in random order.
-
-    A permutation of range(n) from numpy_rng(seed, epoch) is cut into global batches; rank r
-    takes the r-th contiguous slice of each. Without drop_last the last global batch is padded
-    to a multiple of world_size with the epoch's first indices, so every rank has a batch.
-    """
-    order = numpy_rng(seed, epoch).permutation(n)
-    steps = n // global_batch if drop_last else math.ceil(n / global_batch)
-    batches = []
-    for step in range(steps):
-        chunk = order[step * global_batch:(step + 1) * global_batch]
-        pad = -len(chunk) % world_size
-        if pad:
-            chunk = np.concatenate([chunk, np.resize(order, pad)])
-        share = len(chunk) // world_size
-        batches.append(chunk[rank * share:(rank + 1) * share])
-    return batches
+    """This rank's sample indices for each step of `epoch` in random order (pipelines.sharding's rule)."""
+    return rank_batches(n, global_batch, rank, world_size, seed, epoch, drop_last)
 
 
 def quasi_random_shard(n: int, rank: int, world_size: int) -> np.ndarray:
@@ -125,11 +110,10 @@ class FFCVLoader:
         n = self.num_samples
         if order == "random":
             initial = np.arange(n, dtype=np.uint64)
-            per_rank = (n // global_batch if drop_last else math.ceil(n / global_batch))
+            per_rank = steps_per_epoch(n, global_batch, drop_last)
         else:
             initial = quasi_random_shard(n, rank, world_size)
-            per_rank = (len(initial) // self.batch_size if drop_last
-                        else math.ceil(len(initial) / self.batch_size))
+            per_rank = steps_per_epoch(len(initial), self.batch_size, drop_last)
         self.steps = per_rank
         if self.steps == 0:
             raise ValueError(

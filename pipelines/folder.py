@@ -8,7 +8,6 @@ number of workers, the prefetch depth and resuming mid-epoch cannot change what 
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipelines import Batch, DataConfig, per_rank_batch
 from pipelines.crops import sample_crop
 from pipelines.gpu_augment import make_view
 from pipelines.policy import AugmentConfig, ViewPolicy
+from pipelines.sharding import rank_batches, steps_per_epoch
 from pipelines.seeding import derive_seed, generator, numpy_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -183,7 +183,7 @@ class FolderLoader:
         self.drop_last = drop_last
         self.num_workers, self.prefetch = num_workers, prefetch
         n = len(dataset)
-        self.steps = n // global_batch if drop_last else math.ceil(n / global_batch)
+        self.steps = steps_per_epoch(n, global_batch, drop_last)
         if self.steps == 0:
             raise ValueError(
                 f"data.batch_size = {global_batch} is larger than the dataset ({n} images) and "
@@ -195,16 +195,8 @@ class FolderLoader:
 
     def batch_indices(self, epoch: int) -> list[list[int]]:
         """This rank's dataset indices for every step of `epoch` (len(self) lists)."""
-        order = numpy_rng(self.seed, epoch).permutation(len(self.dataset))
-        batches = []
-        for step in range(self.steps):
-            chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
-            pad = -len(chunk) % self.world_size
-            if pad:
-                chunk = np.concatenate([chunk, np.resize(order, pad)])
-            share = len(chunk) // self.world_size
-            batches.append(chunk[self.rank * share:(self.rank + 1) * share].tolist())
-        return batches
+        return [b.tolist() for b in rank_batches(len(self.dataset), self.global_batch, self.rank,
+                                                 self.world_size, self.seed, epoch, self.drop_last)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield Batch(view1, view2, labels) for steps start_step..len(self)-1 of `epoch`.
