@@ -68,8 +68,3 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> dict
         state["path"] = str(path)
         return state
     return None
-
-
-def encoder_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The online encoder's weights, contiguous, with torchvision's ResNet keys (no fc)."""
-    return {k: v.detach().contiguous().cpu() for k, v in model.online_encoder.state_dict().items()}

@@ -308,6 +308,14 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config stored in a run directory (its config.yaml), validated."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {path} does not exist")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain, YAML-safe dict (tuples as lists)."""
 

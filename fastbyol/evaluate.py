@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fastbyol.byol import split_decay_params
+from fastbyol.config import load_run_config
 from fastbyol.optim import lr_at
 from pipelines.crops import sample_crop
 from pipelines.folder import decode_rgb, find_images
@@ -595,8 +596,6 @@ def load_encoder(source: str | os.PathLike, depth: int | None = None, width: int
         found = encoder_state(source)
     cfg = None
     if found.run_dir is not None and (found.run_dir / "config.yaml").is_file():
-        from fastbyol.train import load_run_config  # here, not at the top: train imports this module
-
         cfg = load_run_config(found.run_dir)
     if cfg is not None:
         depth, width, stem = depth or cfg.model.depth, width or cfg.model.width, stem or cfg.model.stem

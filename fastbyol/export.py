@@ -23,7 +23,6 @@ read back from the keys and shapes by `infer_architecture(sd)`.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +89,9 @@ def encoder_state(source: str | Path) -> EncoderState:
     """The online encoder's weights from a run directory, a checkpoint file or an encoder.pt."""
     source = Path(source)
     if source.is_dir():
-        for path in reversed(checkpoint.list_checkpoints(source)):  # newest first
-            try:
-                return EncoderState(_read(path), str(path), source)
-            except ValueError as e:  # a damaged newest checkpoint: the previous one will do
-                warnings.warn(f"{e}; trying the previous checkpoint")
+        newest = checkpoint.load_latest(source)  # passes over a damaged newest checkpoint, with a warning
+        if newest is not None:
+            return EncoderState(online_encoder_state(newest["model"]), newest["path"], source)
         if (source / "encoder.pt").is_file():
             return EncoderState(_read(source / "encoder.pt"), str(source / "encoder.pt"), source)
         raise FileNotFoundError(f"{source}: no checkpoint_*.pt and no encoder.pt in this directory "

@@ -21,14 +21,16 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import pipelines
 from fastbyol import checkpoint, dist
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
-from fastbyol.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
+from fastbyol.config import Config, ConfigError, dump_yaml, to_dict
 from fastbyol.ema import TargetEMA
 from fastbyol.evaluate import KNNMonitor
+from fastbyol.export import online_encoder_state
 from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
 from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS, lr_at, tau_at
@@ -115,8 +117,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if path.exists() and not force:
-        import yaml
-
         old = _flatten(yaml.safe_load(path.read_text()) or {})
         new = _flatten(to_dict(cfg))
         changed = sorted(k for k in old.keys() | new.keys()
@@ -286,7 +286,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
                "wall_time_s": elapsed, "run_dir": str(run_dir)}
     if info.is_main:
-        torch.save(checkpoint.encoder_state_dict(c.byol), run_dir / "encoder.pt")
+        torch.save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return summary
@@ -304,19 +304,10 @@ def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool) -> bool
     flag = torch.tensor([1.0 if stop.raised is not None else 0.0],
                         device="cuda" if tdist.get_backend() == "nccl" else "cpu")
     tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-    if flag.item() and stop.raised is None:
+    any_rank = bool(flag.item())
+    if any_rank and stop.raised is None:
         stop.raised = signal.SIGTERM
-    return bool(flag.item())
+    return any_rank
 
 
-def load_run_config(run_dir: Path) -> Config:
-    """The config stored in a run directory (config.yaml), validated."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: {path} does not exist")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-__all__ = ["Components", "Interrupted", "build_components", "build_model", "load_run_config", "train", "train_step"]
+__all__ = ["Components", "Interrupted", "build_components", "build_model", "train", "train_step"]
