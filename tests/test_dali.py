@@ -192,20 +192,6 @@ def test_two_shards_cover_every_file_once_per_epoch(tmp_path, n, drop_last):
     assert torch.equal((first.view1[:, 0, 0, 0] * 255).round().long(), first.labels)
 
 
-def test_same_images_per_step_as_the_folder_backend(tmp_path):
-    """The epoch order and rank split equal FolderLoader.batch_indices (independent code)."""
-    dali = dali_module()
-    folder = pytest.importorskip("pipelines.folder")
-    n, batch = 50, 12
-    for world in (1, 3):
-        dataset = type("D", (), {"__len__": lambda self: n})()
-        for rank in range(world):
-            ref = folder.FolderLoader(dataset, AugmentConfig(), "cpu", global_batch=batch,
-                                      rank=rank, world_size=world, seed=7, drop_last=False)
-            mine = dali.rank_batches(n, batch, rank, world, seed=7, epoch=2, drop_last=False)
-            assert [b.tolist() for b in mine] == ref.batch_indices(2)
-
-
 def test_resume_mid_epoch_sees_the_same_images(tmp_path):
     dali = dali_module()
     path = write_list(tmp_path, [np.full((S, S, 3), i, np.uint8) for i in range(40)])

@@ -1,0 +1,38 @@
+"""The epoch-order and rank rule shared by the folder, ffcv and dali backends, by its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.seeding import numpy_rng
+from pipelines.sharding import rank_batches, steps_per_epoch
+
+
+@pytest.mark.parametrize("n, batch, world", [(50, 12, 1), (50, 12, 3), (48, 12, 4), (7, 4, 2)])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_split_each_global_batch_of_the_seeded_permutation(n, batch, world, drop_last):
+    per_rank = [rank_batches(n, batch, r, world, seed=7, epoch=2, drop_last=drop_last) for r in range(world)]
+    steps = n // batch if drop_last else -(-n // batch)
+    assert steps_per_epoch(n, batch, drop_last) == steps
+    assert all(len(b) == steps for b in per_rank)  # every rank takes the same number of steps
+    order = numpy_rng(7, 2).permutation(n)
+    seen = []
+    for step in range(steps):
+        shares = [per_rank[r][step] for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # equal shares
+        joined = np.concatenate(shares)
+        want = order[step * batch:(step + 1) * batch]
+        assert joined[:len(want)].tolist() == want.tolist()  # rank r holds the r-th slice, in order
+        assert joined[len(want):].tolist() == order[:len(joined) - len(want)].tolist()  # pad: first images
+        seen.extend(want.tolist())
+    if not drop_last:
+        assert sorted(seen) == list(range(n))  # every image once per epoch
+
+
+def test_epochs_and_seeds_change_the_order_but_not_the_step_count():
+    a = rank_batches(40, 8, 0, 2, seed=0, epoch=0, drop_last=True)
+    assert [x.tolist() for x in a] != [x.tolist() for x in rank_batches(40, 8, 0, 2, seed=0, epoch=1, drop_last=True)]
+    assert [x.tolist() for x in a] != [x.tolist() for x in rank_batches(40, 8, 0, 2, seed=1, epoch=0, drop_last=True)]
+    assert [x.tolist() for x in a] == [x.tolist() for x in rank_batches(40, 8, 0, 2, seed=0, epoch=0, drop_last=True)]
+    assert steps_per_epoch(40, 8, True) == len(rank_batches(40, 8, 0, 4, seed=0, epoch=0, drop_last=True))
