@@ -158,30 +158,12 @@ class DelayedLoader:
 def _endless(loader: pipelines.TwoViewLoader) -> Iterator[pipelines.Batch]:
     """Batches of epoch 0, 1, 2, ... (epoch start-up, e.g. worker launch, is part of the cost)."""
     epoch = 0
-    while True:
-        empty = True
-        for batch in loader.epoch(epoch):
-            empty = False
-            yield batch
-        if empty:
-            raise ConfigError("the loader yields no batch (is data.batch_size larger than the dataset?)")
+    while True:  # every loader has at least one step per epoch (its plan refuses fewer)
+        yield from loader.epoch(epoch)
         epoch += 1
 
 
 # ---------------------------------------------------------------- one measurement
-
-
-def _gather(values: list[float], device: torch.device) -> list[list[float]]:
-    """values of every rank (rank order); [values] in a single process."""
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return [values]
-    where = device if tdist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(values, dtype=torch.float64, device=where)
-    every = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(every, mine)
-    return [t.tolist() for t in every]
 
 
 def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, warmup: int,
@@ -237,7 +219,7 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
         if trace_path is not None:
             traced = _trace(fed, device, trace_path)
 
-    rows = _gather([loader_rate, model_rate, e2e_rate, peak, share], device)
+    rows = dist.gather_floats([loader_rate, model_rate, e2e_rate, peak, share], device)
     loader_r, model_r, e2e_r, peak_r, share_r = (list(col) for col in zip(*rows))
     figures = {name: {"images_per_sec": sum(r), "per_rank": r} for name, r in zip(FIGURES, (loader_r, model_r, e2e_r))}
     total = {name: f["images_per_sec"] for name, f in figures.items()}
