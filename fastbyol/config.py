@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipelines import DataConfig
+from pipelines.loader import DataConfig
 from pipelines.policy import AugmentConfig
 
 
