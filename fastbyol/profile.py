@@ -265,19 +265,24 @@ def _trace(step: Callable[[], None], device: torch.device, path: Path) -> Path:
 # ---------------------------------------------------------------- verdict and knobs
 
 
-def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[str]]:
-    """'loader-bound', 'model-bound' or 'balanced' from three rates (images/sec), with the evidence.
+VERDICTS = ("loader-bound", "model-bound", "contention", "balanced")
 
-    Rules, with L = loader-only, M = model-only, E = end-to-end:
-      loader-bound  if L < M (the loader alone cannot feed the model), or
-                    E/M < LOSES_MUCH and L < HEADROOM·M (the pipeline costs > 10 % and the loader
-                    has no headroom: it is the slower side);
-      model-bound   if L >= HEADROOM·M and E/M >= HIDES_WELL (the loader is hidden);
-      balanced      otherwise (e.g. a loader fast alone that still slows the step: both compete
-                    for the same CPU cores, PCIe or memory bandwidth).
+
+def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[str]]:
+    """The bottleneck named from three rates (images/sec), with the evidence: a pure function.
+
+    Rules, with L = loader-only, M = model-only, E = end-to-end (first match wins):
+      loader-bound  L < M (the loader alone cannot feed the model), or E/M < LOSES_MUCH and
+                    L < HEADROOM·M (the pipeline costs > 10 % and the loader has no headroom);
+      model-bound   L >= HEADROOM·M and E/M >= HIDES_WELL (the loader outruns the model and hides);
+      contention    L >= HEADROOM·M but E/M < HIDES_WELL: the loader is fast alone, so the loss is not
+                    its speed but what it shares with the step: its workers take CPU cores the step
+                    needs (all of them when the step runs on the CPU), or a per-batch host-to-device
+                    copy or host sync stalls the step;
+      balanced      otherwise: HEADROOM·M > L >= M and E/M >= LOSES_MUCH (the loader just keeps up).
     """
     lm, em = loader / model, end_to_end / model
-    facts = [f"loader-only / model-only = {lm:.2f} (headroom rule: >= {HEADROOM:.2f})",
+    facts = [f"loader-only / model-only = {lm:.2f} (headroom: >= {HEADROOM:.2f})",
              f"end-to-end / model-only = {em:.2f} (hidden: >= {HIDES_WELL:.2f}; costly: < {LOSES_MUCH:.2f})"]
     if lm < 1.0:
         return "loader-bound", facts + [f"the loader alone delivers {loader:.1f} images/sec, less than the "
@@ -288,16 +293,16 @@ def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[s
     if lm >= HEADROOM and em >= HIDES_WELL:
         return "model-bound", facts + ["the loader outruns the model and hides behind it: speed up the step"]
     if lm >= HEADROOM:
-        why = (f"the loader is fast alone but end-to-end loses {100 * (1 - em):.0f} %: loader and step compete "
-               "for the same resources (CPU cores, host-device copies, memory bandwidth)")
-    else:
-        why = "the loader only just keeps up with the model: both sides set the pace"
-    return "balanced", facts + [why]
+        return "contention", facts + [
+            f"the loader alone is {lm:.1f}x faster than the model, yet end-to-end loses {100 * (1 - em):.0f} %: "
+            "not a slow loader but a shared resource: its workers take CPU cores the step needs, or a "
+            "per-batch host-to-device copy or host sync stalls the step (see the trace: --trace)"]
+    return "balanced", facts + ["the loader only just keeps up with the model: both sides set the pace"]
 
 
 def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None = None,
           device: torch.device | None = None) -> list[dict]:
-    """Config keys that would help a `which` ('loader-bound' | 'model-bound' | 'balanced') run:
+    """Config keys that would help a `which` run (one of VERDICTS):
     dicts {key, current, suggestion, already}, `already` True when the config already uses it."""
     d, m = cfg.data, cfg.model
     cores = max(1, (os.cpu_count() or 1) // world_size)
@@ -332,7 +337,15 @@ def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None 
         {"key": "byol.concat_views", "current": cfg.byol.concat_views, "already": cfg.byol.concat_views,
          "suggestion": "one encoder call on both views (BN statistics then span both views)"},
     ]
-    return {"loader-bound": loader_side, "model-bound": model_side}.get(which, loader_side + model_side)
+    contention_side = [
+        {"key": "data.num_workers", "current": d.num_workers, "already": None,
+         "suggestion": f"fewer loader workers, leaving cores to the step ({cores} CPU cores per rank here)"},
+        loader_side[2],  # decode on the GPU: DALI's workers need few CPU cores
+        {"key": "data.prefetch", "current": d.prefetch, "already": d.prefetch >= 4,
+         "suggestion": "deeper prefetch, so copies overlap the step"},
+    ]
+    sides = {"loader-bound": loader_side, "model-bound": model_side, "contention": contention_side}
+    return sides.get(which, loader_side + model_side)
 
 
 # ---------------------------------------------------------------- the machine
@@ -515,5 +528,5 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DelayedLoader", "JSON_KEYS", "MACHINE_KEYS", "RUN_KEYS", "add_profile_arguments", "knobs",
+__all__ = ["VERDICTS", "DelayedLoader", "JSON_KEYS", "MACHINE_KEYS", "RUN_KEYS", "add_profile_arguments", "knobs",
            "machine_info", "measure", "parse_sweep", "print_report", "profile", "run_profile", "verdict"]

@@ -78,11 +78,12 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol
     if cfg.model.compile:
-        model.compile()
+        model.compile(mode=cfg.model.compile_mode)
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
+            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
     precision = cfg.train.precision
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
