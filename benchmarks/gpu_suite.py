@@ -17,7 +17,9 @@ benchmarks/fused_ops.py for LARS/EMA, fastbyol.profile for loader / model / end-
   ceiling      supervised ResNet step (one view, forward + backward, SGD), bf16, channels_last,
                eager and compiled: BYOL costs ~8/3 of it per image, so 3/8 of it is the bar
   model        fastbyol model-only: eager / concat_views / compile / compile with CUDA graphs
-               (model.compile_mode=reduce-overhead), more batch sizes if time allows, peak memory,
+               (model.compile_mode=reduce-overhead) / DDP over one rank with and without
+               dist.gradient_as_bucket_view (and its grad-stride warnings), more batch sizes if time
+               allows, peak memory,
                host syncs inside a step, LARS + EMA share of the step (foreach vs per-parameter loop)
   peers        fastbyol vs lightly vs byol-pytorch, the same step, alternated rounds
   loader       photo-like JPEGs written on the node, `fastbyol convert`, `fastbyol profile` for the
@@ -44,7 +46,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("environment", "ceiling", "model", "peers", "loader", "dali")
-BUDGET_S = {"environment": 20, "ceiling": 90, "model": 170, "peers": 60, "loader": 110, "dali": 50}
+BUDGET_S = {"environment": 20, "ceiling": 80, "model": 170, "peers": 70, "loader": 110, "dali": 50}
 TOTAL_S = 530  # the whole suite, install included: one 10-minute command with a margin
 INSTALL_S = 60
 RECORD_KEYS = ("run", "stage", "status", "seconds", "budget_s", "result", "error")
@@ -63,6 +65,7 @@ class Sizes:
     hidden: int = 4096
     proj: int = 256
     steps: int = 20  # timed steps per window
+    peer_steps: int = 10  # timed steps per contender per round in the peers stage (4 contenders)
     warmup: int = 5
     rounds: int = 3
     compile: bool = True  # the compiled variants (ceiling, model)
@@ -73,7 +76,7 @@ class Sizes:
     fused_repeats: int = 50
 
 
-TINY = Sizes(depth=18, stem="cifar", size=16, batch=4, extra_batches=(), hidden=32, proj=16, steps=2, warmup=1,
+TINY = Sizes(depth=18, stem="cifar", size=16, batch=4, extra_batches=(), hidden=32, proj=16, steps=2, peer_steps=2, warmup=1,
              rounds=1, compile=False, images=16, image_hw=(40, 48), max_res=32, workers=1, fused_repeats=2)
 
 
@@ -91,11 +94,11 @@ def _rate(step: Callable[[], Any], batch: int, sizes: Sizes, device: Any) -> flo
 
 
 def _peers_settings(sizes: Sizes, device: str, contenders: tuple[str, ...], overrides: tuple[str, ...] = (),
-                    batch: int | None = None) -> Any:
+                    batch: int | None = None, steps: int | None = None) -> Any:
     from peers import Settings
 
     return Settings(depth=sizes.depth, stem=sizes.stem, size=sizes.size, batch=batch or sizes.batch,
-                    hidden=sizes.hidden, proj=sizes.proj, steps=sizes.steps, warmup=sizes.warmup,
+                    hidden=sizes.hidden, proj=sizes.proj, steps=steps or sizes.steps, warmup=sizes.warmup,
                     rounds=sizes.rounds, device=device, contenders=contenders, fastbyol_overrides=overrides)
 
 
@@ -171,6 +174,8 @@ def _model_variants(sizes: Sizes) -> list[tuple[str, tuple[str, ...], int]]:
         variants += [("compile", ("model.compile=true",), sizes.batch),
                      ("compile+cudagraphs", ("model.compile=true", "model.compile_mode=reduce-overhead"),
                       sizes.batch)]
+    variants += [("ddp 1 rank", ("dist.gradient_as_bucket_view=false",), sizes.batch),
+                 ("ddp 1 rank, gradient_as_bucket_view", ("dist.gradient_as_bucket_view=true",), sizes.batch)]
     variants += [("eager", (), b) for b in sizes.extra_batches]
     return variants
 
@@ -184,13 +189,18 @@ def stage_model(sizes: Sizes, device: str, work: Path, save: Callable[[dict], No
     result: dict[str, Any] = {"variants": [], "skipped": [] if sizes.compile else ["compiled variants: --tiny"]}
     for name, overrides, batch in _model_variants(sizes):
         try:
-            row = peers.run(_peers_settings(sizes, device, ("fastbyol",), overrides, batch))["contenders"][0]
+            if name.startswith("ddp"):
+                row = _ddp_one_rank(sizes, dev, work, overrides)
+            else:
+                row = peers.run(_peers_settings(sizes, device, ("fastbyol",), overrides, batch))["contenders"][0]
             result["variants"].append({"name": name, "batch": batch, "overrides": list(overrides),
-                                       "images_per_sec": row["images_per_sec"], "step_ms": row["step_ms"],
-                                       "peak_memory_bytes": row["peak_memory_bytes"]})
+                                       **{k: row[k] for k in ("images_per_sec", "step_ms", "peak_memory_bytes")},
+                                       **({"stride_warnings": row["stride_warnings"]} if "stride_warnings" in row else {})})
         except Exception as e:  # one broken option must not hide the others
             result["variants"].append({"name": name, "batch": batch, "overrides": list(overrides),
                                        "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the next variant starts from the same free memory
         save(result)
         if name == "concat_views":  # the cheap checks next, before the long compilations
             result["host_syncs"] = _host_syncs(sizes, device)
@@ -199,13 +209,56 @@ def stage_model(sizes: Sizes, device: str, work: Path, save: Callable[[dict], No
     return result
 
 
+def _ddp_one_rank(sizes: Sizes, dev: Any, work: Path, overrides: tuple[str, ...]) -> dict:
+    """fastbyol's step wrapped in DDP over a process group of one rank (NCCL on a GPU): the cost of
+    DDP's buckets and SyncBatchNorm on one device, and DDP's "grad strides do not match bucket view
+    strides" warnings under channels_last, each variant's own (warn-always)."""
+    import warnings
+
+    import torch
+    import torch.distributed as tdist
+
+    from fastbyol import dist
+    from fastbyol.config import load_config
+    from fastbyol.train import build_components, train_step
+    from pipelines.synthetic import random_batch
+
+    class OneRank(dist.DistInfo):
+        enabled = True  # a real DDP wrap although the group has one rank
+
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # DDP's device_ids need the index
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
+                                 init_method=f"file://{work / f'ddp-store-{os.getpid()}'}",
+                                 device_id=dev if dev.type == "cuda" else None)
+    cfg = load_config(None, ["data.backend=synthetic", f"data.batch_size={sizes.batch}", f"model.depth={sizes.depth}",
+                             f"model.stem={sizes.stem}", f"byol.hidden_dim={sizes.hidden}", f"byol.proj_dim={sizes.proj}",
+                             f"train.precision={'bf16' if dev.type == 'cuda' else 'fp32'}", *overrides])
+    c = build_components(cfg, dev, OneRank(), cfg.optim.peak_lr(sizes.batch))
+    views = random_batch(sizes.batch, sizes.size, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    torch.set_warn_always(True)  # DDP warns once per process: every variant must show its own
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rate = _rate(lambda: train_step(c, views.view1, views.view2, 0.1, 0.99), sizes.batch, sizes, dev)
+    finally:
+        torch.set_warn_always(False)
+    strides = sorted({str(w.message).splitlines()[0][:200] for w in caught if "stride" in str(w.message).lower()})
+    return {"images_per_sec": rate, "step_ms": 1e3 * sizes.batch / rate, "stride_warnings": strides,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+
+
 def _host_syncs(sizes: Sizes, device: str) -> str:
     """'none' if one fastbyol step runs under torch.cuda.set_sync_debug_mode('error'), else the error."""
     import peers
     import torch
 
     if not device.startswith("cuda"):
-        return "not checked on cpu (tests/test_train.py patches the host conversions instead)"
+        return "not checked on cpu (tests/test_step_options.py forbids host conversions instead)"
     settings = _peers_settings(replace(sizes, batch=min(sizes.batch, 32)), device, ("fastbyol",))
     contender, _ = peers.build_fastbyol(settings, "bf16", torch.device(device))
     contender.step()
@@ -237,7 +290,8 @@ def _fused_share(sizes: Sizes, dev: Any, eager: dict) -> dict:
 def stage_peers(sizes: Sizes, device: str, work: Path, save: Callable[[dict], None]) -> dict:
     import peers
 
-    return peers.run(_peers_settings(sizes, device, ("fastbyol", "fastbyol-concat", "lightly", "byol-pytorch")))
+    return peers.run(_peers_settings(sizes, device, ("fastbyol", "fastbyol-concat", "lightly", "byol-pytorch"),
+                                     steps=sizes.peer_steps))
 
 
 def write_photo_like(root: Path, count: int, hw: tuple[int, int], workers: int) -> dict:
@@ -417,7 +471,7 @@ def markdown(records: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
 
     def row(what: str, variant: str, batch: Any, rate: float | None, peak: Any = None, note: str = "") -> None:
-        ratio = _fmt(rate / bar, 2) if rate and bar else "-"
+        ratio = _fmt(rate / bar, 2) if rate and bar and what != "supervised ceiling" else "-"
         gib = _fmt(peak / 2**30, 1) if peak else "-"
         lines.append(f"| {what} | {variant} | {batch} | {_fmt(rate)} | {ratio} | {gib} | {note} |")
 
@@ -426,8 +480,11 @@ def markdown(records: list[dict]) -> str:
             note=f"3/8 of the best = {_fmt(bar)} (the BYOL bar)" if variant == "eager" else "")
     model = res.get("model", {})
     for v in model.get("variants", []):
-        row("fastbyol model-only", v["name"], v["batch"], v.get("images_per_sec"), v.get("peak_memory_bytes"),
-            v.get("error", ""))
+        note = v.get("error", "")
+        if "stride_warnings" in v:
+            note = f"grad-stride warnings: {len(v['stride_warnings'])}" + (f" ({v['stride_warnings'][0][:60]})"
+                                                                           if v["stride_warnings"] else "")
+        row("fastbyol model-only", v["name"], v["batch"], v.get("images_per_sec"), v.get("peak_memory_bytes"), note)
     fused = model.get("fused_ops") or {}
     if "share_foreach" in fused:
         lines.append(f"| LARS + EMA share of the eager step | foreach / per-param loop | {model['variants'][0]['batch']} "
@@ -568,9 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             status, result, error = _run_stage(stage, args, budget, env, log)
             record(stage, status, time.monotonic() - t, budget, result, error)
-    table = markdown(latest_records(results))
-    (args.out / "results.md").write_text(table)
-    print(table)
+            (args.out / "results.md").write_text(markdown(latest_records(results)))  # a killed suite keeps it
+    print((args.out / "results.md").read_text())
     return 0
 
 

@@ -65,7 +65,9 @@ def test_ceiling_and_model_figures_hold_their_invariants(tiny_run):
     assert positive(ceiling["images_per_sec"]["eager"]) and "compiled" in ceiling["skipped"]
     assert ceiling["byol_bar"] == pytest.approx(max(ceiling["images_per_sec"].values()) * 3 / 8)
     model = stages["model"]["result"]
-    assert [(v["name"], v["batch"]) for v in model["variants"]] == [("eager", 4), ("concat_views", 4)]
+    assert [(v["name"], v["batch"]) for v in model["variants"]] == [
+        ("eager", 4), ("concat_views", 4), ("ddp 1 rank", 4), ("ddp 1 rank, gradient_as_bucket_view", 4)]
+    assert all(v["stride_warnings"] == [] for v in model["variants"][2:])  # channels_last, gloo on a CPU
     for v in model["variants"]:
         assert positive(v["images_per_sec"]) and v["step_ms"] == pytest.approx(1e3 * v["batch"] / v["images_per_sec"])
     fused = model["fused_ops"]
