@@ -47,7 +47,7 @@ import torch
 import pipelines
 from fastbyol import dist
 from fastbyol.config import Config, ConfigError, load_config, to_dict
-from fastbyol.optim import lr_at, tau_at
+from fastbyol.optim import RunPlan
 
 JSON_KEYS = ("machine", "config", "world_size", "device", "steps", "warmup", "loader_delay_s", "sweep_key", "runs")
 RUN_KEYS = ("sweep_value", "batch_per_rank", "crop_size", "config", "loader", "model", "end_to_end",
@@ -187,18 +187,15 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
         loader_rate = _rate(lambda: next(batches), batch, steps, warmup, device)
 
     # 2. model only, on views already on the device
-    total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, len(loader))
-    warmup_steps = min(total_steps - 1, round(cfg.optim.warmup_epochs * len(loader)))
-    peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)
-    c = build_components(cfg, device, info, peak_lr)
+    plan = RunPlan.of(cfg, len(loader))
+    c = build_components(cfg, device, info, plan.peak_lr)
     c.model.train()
     k = 0
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
-        nonlocal k  # the training schedules, so lr and tau take the values of a real run
-        lr, tau = lr_at(k, total_steps, warmup_steps, peak_lr), tau_at(k, total_steps, cfg.byol.tau_base)
-        train_step(c, view1, view2, lr, tau)
-        k = min(k + 1, total_steps - 1)
+        nonlocal k  # the run's schedules, so lr and tau take the values of a real run (clipped past its end)
+        train_step(c, view1, view2, plan.lr(k), plan.tau(k))
+        k += 1
 
     views = random_batch(batch, crop, device, seed=cfg.train.seed, rank=info.rank)
     if device.type == "cuda":
