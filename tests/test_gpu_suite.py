@@ -57,6 +57,22 @@ def test_every_stage_runs_and_records_itself(tiny_run):
     assert table in printed
     for stage in stages:
         assert f"| {stage} | ok |" in table
+    assert "| fastbyol / the faster peer >= 1.3 (peers stage, same run) |" in table
+    assert "| LARS + EMA (foreach) < 2 % of the eager step |" in table
+
+
+def test_targets_are_read_from_the_figures():
+    res = {"ceiling": {"byol_bar": 1000.0},
+           "model": {"variants": [{"name": "eager", "images_per_sec": 950.0}], "fused_ops": {"share_foreach": 0.03}},
+           "peers": {"contenders": [{"name": "fastbyol", "status": "ok", "images_per_sec": 950.0},
+                                    {"name": "lightly", "status": "ok", "images_per_sec": 500.0},
+                                    {"name": "byol-pytorch", "status": "ok", "images_per_sec": 800.0}]},
+           "loader": {"backends": {"ffcv": {"end_to_end_over_model": 0.98}}}}
+    got = {what.split(" ")[0]: (value, met) for what, value, met in gpu_suite.targets(res)}
+    assert got["fastbyol"] == ("1.19x", "no")  # 950 / 800: the faster peer is the bar
+    assert got["model-only"] == ("0.95", "yes")
+    assert got["LARS"] == ("3.0%", "no")
+    assert got["ffcv:"] == ("0.980", "yes") and got["dali:"] == ("-", "not measured")
 
 
 def test_ceiling_and_model_figures_hold_their_invariants(tiny_run):
