@@ -15,7 +15,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
     from fastbyol.dist import launcher_env
-    from fastbyol.train import Interrupted, train
+    from fastbyol.train import Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -26,9 +26,8 @@ def _train(args: argparse.Namespace) -> int:
     except Interrupted:
         return 130
     if launcher_env().is_main:
-        err.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"{summary['mean_images_per_sec']:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
-                  f"run directory {summary['run_dir']}")
+        for line in summary_lines(summary):
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
