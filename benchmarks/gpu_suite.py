@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(dict(zip(RECORD_KEYS, (run_id, stage, status, seconds, budget, result, error))))
         with results.open("a") as f:
             f.write(json.dumps(records[-1], default=str) + "\n")
+        (args.out / "results.md").write_text(markdown(latest_records(results)))  # a killed suite keeps it
         print(f"gpu_suite: {stage}: {status} in {seconds:.0f} s", flush=True)
 
     site = args.work / "site"
@@ -650,14 +651,14 @@ def main(argv: list[str] | None = None) -> int:
            "PYTHONUNBUFFERED": "1"}
     with (args.out / "suite.log").open("a") as log:
         for stage in args.stages:
-            budget = min(BUDGET_S[stage] * args.budget_scale, deadline - time.monotonic())
-            if budget < 5:
+            left = deadline - time.monotonic()
+            if left < 5:
                 record(stage, "skipped: the suite's time is spent", 0.0, 0.0, None, "")
                 continue
+            budget = min(BUDGET_S[stage] * args.budget_scale, left)
             t = time.monotonic()
             status, result, error = _run_stage(stage, args, budget, env, log)
             record(stage, status, time.monotonic() - t, budget, result, error)
-            (args.out / "results.md").write_text(markdown(latest_records(results)))  # a killed suite keeps it
     print((args.out / "results.md").read_text())
     return 0
 
