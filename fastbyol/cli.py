@@ -110,6 +110,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
+    from fastbyol.config import EvalConfig
+    from fastbyol.models.resnet import STEMS
+
+    defaults = EvalConfig()  # the eval section of a training config: one set of defaults for both
     p = sub.add_parser("eval", help="kNN, linear or fine-tuning evaluation of a pretrained encoder")
     protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     helps = {"knn": "weighted kNN (cosine, exp(sim/T) votes) on frozen features",
@@ -121,20 +125,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--train", help="labeled ImageFolder to train on / the kNN bank (default: the run's eval.train_path)")
         q.add_argument("--val", help="labeled ImageFolder to test on (default: the run's eval.val_path)")
         q.add_argument("--image-size", type=int, default=0, help="test crop size (default: the run's, else 224)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per batch")
-        q.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        q.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per batch")
+        q.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image decoding workers")
         q.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
         q.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
         q.add_argument("--depth", type=int, help="ResNet depth (default: the run's, else read from the weights)")
         q.add_argument("--width", type=int, help="width multiplier (default: the run's, else read from the weights)")
-        q.add_argument("--stem", choices=("imagenet", "cifar"), help="stem (default: the run's, else from the weights)")
+        q.add_argument("--stem", choices=STEMS, help="stem (default: the run's, else from the weights)")
         q.add_argument("--random-init", action="store_true",
                        help="ignore the weights: the same encoder as initialised by the run's seed (the baseline)")
         q.add_argument("--out", type=Path, help="result JSON (default: RUN_DIR/eval_<protocol>.json)")
         q.set_defaults(func=_eval)
         if name == "knn":
-            q.add_argument("--k", type=int, default=20, help="neighbours per vote")
-            q.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / temperature)")
+            q.add_argument("--k", type=int, default=defaults.k, help="neighbours per vote")
+            q.add_argument("--temperature", type=float, default=defaults.temperature,
+                           help="vote weight exp(cosine / temperature)")
             continue
         q.add_argument("--epochs", type=int, default=80 if name == "linear" else 30)
         q.add_argument("--lr", type=float, help="peak lr, cosine-decayed to 0 (default: "
