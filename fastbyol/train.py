@@ -30,7 +30,7 @@ from fastbyol import checkpoint, dist
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
 from fastbyol.config import Config, ConfigError, dump_yaml, to_dict
 from fastbyol.ema import TargetEMA
-from fastbyol.evaluate import KNNMonitor
+from fastbyol.knn import KNNMonitor
 from fastbyol.export import online_encoder_state
 from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics, time_figures
 from fastbyol.models.resnet import resnet
