@@ -15,7 +15,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
     from fastbyol.dist import launcher_env
-    from fastbyol.train import Interrupted, train
+    from fastbyol.train import Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -26,9 +26,8 @@ def _train(args: argparse.Namespace) -> int:
     except Interrupted:
         return 130
     if launcher_env().is_main:
-        err.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"{summary['mean_images_per_sec']:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
-                  f"run directory {summary['run_dir']}")
+        for line in summary_lines(summary):
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -65,37 +64,42 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fastbyol import evaluate as ev
     from fastbyol.dist import resolve_device
+    from fastbyol.export import load_encoder
+    from fastbyol.finetune import finetune
+    from fastbyol.knn import knn_eval
+    from fastbyol.linear import linear_eval
+    from fastbyol.results import default_result_path, write_result
+    from pipelines.labelled import EvalData, label_subset
 
-    loaded = ev.load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
+    loaded = load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
     train, val = args.train or loaded.train_path, args.val or loaded.val_path
     if not (train and val):
         raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
                           "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
-    data = ev.EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
-                                    std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
-                                    channels_last=args.channels_last)
+    data = EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
+                                 std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 channels_last=args.channels_last)
     encoder = loaded.encoder.to(resolve_device(args.device))
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     if args.protocol == "knn":
-        result, name = ev.knn_eval(encoder, data, args.k, args.temperature), "knn"
+        result, name = knn_eval(encoder, data, args.k, args.temperature), "knn"
     elif args.protocol == "linear":
-        result = ev.linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                                precompute=args.precompute, seed=args.seed, log=err.print)
+        result = linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                             precompute=args.precompute, seed=args.seed, log=err.print)
         name = "linear_precomputed" if args.precompute else "linear"
     else:
-        subset = ev.label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
-                                 subset_file=args.subset, root=train, seed=args.seed)
-        result = ev.finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
-                             weight_decay=args.weight_decay, seed=args.seed, log=err.print)
+        subset = label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
+                              subset_file=args.subset, root=train, seed=args.seed)
+        result = finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
+                          weight_decay=args.weight_decay, seed=args.seed, log=err.print)
         name = f"finetune_{args.label_fraction * 100:g}pct" if args.subset is None else f"finetune_{args.subset.stem}"
     if args.random_init:
         name += "_random_init"
     result.update(source=loaded.source, train=str(train), val=str(val),
                   encoder={"depth": loaded.depth, "width": loaded.width, "stem": loaded.stem})
-    path = ev.write_result(result, args.out or ev.default_result_path(args.source, name))
+    path = write_result(result, args.out or default_result_path(args.source, name))
     variant = f" ({result['variant']})" if "variant" in result else ""
     err.print(f"{result['protocol']}{variant}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['num_val']} val images, {result['num_classes']} classes, {result['time_s']:.0f} s)")
