@@ -21,6 +21,7 @@ import yaml
 
 from fastbyol.models.resnet import STAGES, STEMS, WIDTHS
 from pipelines.loader import DataConfig
+from pipelines.params import at_least, check_fields, choice, in_range, param
 from pipelines.policy import AugmentConfig
 
 
@@ -29,19 +30,15 @@ class ConfigError(ValueError):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
-def _or(choices: Any) -> str:
-    """'18, 34, 50 or 101' from the choices (a tuple, or a dict's keys)."""
-    words = [str(c) for c in choices]
-    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+PRECISIONS = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass
 class ModelConfig:
-    depth: int = 50  # ResNet depth: 18, 34, 50, 101, 152 or 200
-    width: int = 1  # width multiplier: 1, 2 or 4 (the paper's 1x, 2x, 4x)
-    stem: str = "imagenet"  # imagenet (7x7/2 conv + maxpool) | cifar (3x3/1 conv, for small images)
+    depth: int = choice(50, STAGES)  # ResNet depth: 18, 34, 50, 101, 152 or 200
+    width: int = choice(1, WIDTHS)  # width multiplier: 1, 2 or 4 (the paper's 1x, 2x, 4x)
+    stem: str = choice("imagenet", STEMS)  # imagenet (7x7/2 conv + maxpool) | cifar (3x3/1 conv, for small images)
     # Default True, as the released official code: byol/utils/networks.py builds its ResNet from
     # hk.nets.ResNet.BlockGroup, whose BlockV1 makes the bottleneck's last BatchNorm with
     # scale_init=jnp.zeros (dm-haiku haiku/_src/nets/resnet.py). We found no official statement or
@@ -49,57 +46,34 @@ class ModelConfig:
     zero_init_residual: bool = True  # last BN gamma of each bottleneck block starts at 0 (official code); false: 1
     channels_last: bool = True  # NHWC memory format for the encoder and the views
     compile: bool = False  # torch.compile the online and target networks
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: str = choice("default", COMPILE_MODES)  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
     def validate(self) -> None:
-        if self.depth not in STAGES:
-            raise ConfigError(f"model.depth = {self.depth}: expected {_or(STAGES)}")
-        if self.width not in WIDTHS:
-            raise ConfigError(f"model.width = {self.width}: expected {_or(WIDTHS)}")
-        if self.stem not in STEMS:
-            raise ConfigError(f"model.stem = {self.stem!r}: expected {_or(STEMS)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"model.compile_mode = {self.compile_mode!r}: expected {', '.join(COMPILE_MODES)}")
+        check_fields(self, "model")
 
 
 @dataclass
 class BYOLConfig:
-    hidden_dim: int = 4096  # projector and predictor hidden width
-    proj_dim: int = 256  # projection (and prediction) output size
-    tau_base: float = 0.996  # target EMA rate at step 0; cosine-increased to 1 at the end
+    hidden_dim: int = at_least(4096, 1, "a positive size")  # projector and predictor hidden width
+    proj_dim: int = at_least(256, 1, "a positive size")  # projection (and prediction) output size
+    tau_base: float = in_range(0.996, 0.0, 1.0, "a value in [0, 1]")  # target EMA rate at step 0; cosine-increased to 1 at the end
     concat_views: bool = False  # one encoder call on both views (BN statistics over both views)
 
     def validate(self) -> None:
-        if not 0.0 <= self.tau_base <= 1.0:
-            raise ConfigError(f"byol.tau_base = {self.tau_base}: expected a value in [0, 1]")
-        if self.hidden_dim < 1 or self.proj_dim < 1:
-            raise ConfigError(
-                f"byol.hidden_dim = {self.hidden_dim}, byol.proj_dim = {self.proj_dim}: expected positive sizes"
-            )
+        check_fields(self, "byol")
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 0.2  # peak lr = base_lr * global batch / 256 (the paper's rule)
-    lr: float = 0.0  # if > 0: the peak lr as given, ignoring base_lr and the batch scaling
-    momentum: float = 0.9
-    weight_decay: float = 1.5e-6  # on conv/linear weights only (biases and BN excluded)
-    eta: float = 1e-3  # LARS trust coefficient (biases and BN excluded from adaptation)
-    warmup_epochs: float = 10.0  # linear warm-up, then cosine decay to 0
+    base_lr: float = param(0.2, lambda v: v > 0, "a positive learning rate")  # peak lr = base_lr * global batch / 256 (the paper's rule)
+    lr: float = at_least(0.0, 0.0, "a positive learning rate (or 0 to use base_lr)")  # if > 0: the peak lr as given, ignoring base_lr and the batch scaling
+    momentum: float = param(0.9, lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
+    weight_decay: float = at_least(1.5e-6, 0.0, ">= 0")  # on conv/linear weights only (biases and BN excluded)
+    eta: float = param(1e-3, lambda v: v > 0, "a positive trust coefficient")  # LARS trust coefficient (biases and BN excluded from adaptation)
+    warmup_epochs: float = at_least(10.0, 0.0, ">= 0")  # linear warm-up, then cosine decay to 0
 
     def validate(self) -> None:
-        if self.base_lr <= 0:
-            raise ConfigError(f"optim.base_lr = {self.base_lr}: expected a positive learning rate")
-        if self.lr < 0:
-            raise ConfigError(f"optim.lr = {self.lr}: expected a positive learning rate (or 0 to use base_lr)")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"optim.momentum = {self.momentum}: expected a value in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay = {self.weight_decay}: expected >= 0")
-        if self.eta <= 0:
-            raise ConfigError(f"optim.eta = {self.eta}: expected a positive trust coefficient")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs}: expected >= 0")
+        check_fields(self, "optim")
 
     def peak_lr(self, global_batch: int) -> float:
         return self.lr if self.lr > 0 else self.base_lr * global_batch / 256
@@ -107,86 +81,58 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000  # the paper: 1000 (`recipe` sets it together with lr, weight decay and tau)
-    max_steps: int = 0  # if > 0: stop after this many steps; the schedules span max_steps
-    precision: str = "bf16"  # bf16 (autocast) | fp16 (autocast + grad scaler) | fp32
-    device: str = "auto"  # auto (cuda when available) | cuda | cpu
+    epochs: int = at_least(1000, 1, "at least 1")  # the paper: 1000 (`recipe` sets it together with lr, weight decay and tau)
+    max_steps: int = at_least(0, 0, ">= 0 (0 = epochs)")  # if > 0: stop after this many steps; the schedules span max_steps
+    precision: str = choice("bf16", PRECISIONS)  # bf16 (autocast) | fp16 (autocast + grad scaler) | fp32
+    device: str = choice("auto", DEVICES)  # auto (cuda when available) | cuda | cpu
     seed: int = 0  # model init, data order, crops and augmentations all derive from it
     run_dir: str = "runs/byol"  # checkpoints, metrics.jsonl, config.yaml, encoder.pt
-    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 3  # newest checkpoints kept in run_dir
-    resume: str = "auto"  # auto (continue from run_dir's newest checkpoint if any) | never
+    checkpoint_every: int = at_least(1000, 1)  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = at_least(3, 1)  # newest checkpoints kept in run_dir
+    resume: str = choice("auto", ("auto", "never"))  # auto (continue from run_dir's newest checkpoint if any) | never
     cudnn_benchmark: bool = True
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs = {self.epochs}: expected at least 1")
-        if self.max_steps < 0:
-            raise ConfigError(f"train.max_steps = {self.max_steps}: expected >= 0 (0 = epochs)")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.precision = {self.precision!r}: expected bf16, fp16 or fp32")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"train.device = {self.device!r}: expected auto, cuda or cpu")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"train.checkpoint_every = {self.checkpoint_every}: expected >= 1")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"train.keep_checkpoints = {self.keep_checkpoints}: expected >= 1")
-        if self.resume not in ("auto", "never"):
-            raise ConfigError(f"train.resume = {self.resume!r}: expected auto or never")
+        check_fields(self, "train")
 
 
 @dataclass
 class LoggingConfig:
-    progress: str = "auto"  # auto (rich bar on a terminal, plain lines otherwise) | rich | plain | none
-    log_every: int = 20  # steps between metric reads (each read synchronises with the device)
+    progress: str = choice("auto", ("auto", "rich", "plain", "none"))  # auto (rich bar on a terminal, plain lines otherwise) | rich | plain | none
+    log_every: int = at_least(20, 1)  # steps between metric reads (each read synchronises with the device)
     plot: bool = True  # write metrics.png at the end (needs matplotlib)
 
     def validate(self) -> None:
-        if self.progress not in ("auto", "rich", "plain", "none"):
-            raise ConfigError(f"logging.progress = {self.progress!r}: expected auto, rich, plain or none")
-        if self.log_every < 1:
-            raise ConfigError(f"logging.log_every = {self.log_every}: expected >= 1")
+        check_fields(self, "logging")
 
 
 @dataclass
 class DistConfig:
     sync_bn: bool = True  # BatchNorm statistics over the global batch: torch SyncBatchNorm on GPUs, CPUSyncBatchNorm (gloo) on CPUs
-    bucket_cap_mb: int = 25  # DDP gradient bucket size
+    bucket_cap_mb: int = at_least(25, 1)  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
     gradient_as_bucket_view: bool = False  # DDP grads are views into the all-reduce buckets (no copy, less memory)
 
     def validate(self) -> None:
-        if self.bucket_cap_mb < 1:
-            raise ConfigError(f"dist.bucket_cap_mb = {self.bucket_cap_mb}: expected >= 1")
+        check_fields(self, "dist")
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = 0  # epochs between kNN evaluations during training (0 = off); logged as knn_top1, knn_top5
+    knn_every: int = at_least(0, 0, ">= 0 (0 = off)")  # epochs between kNN evaluations during training (0 = off); logged as knn_top1, knn_top5
     train_path: str = ""  # labeled ImageFolder whose features are the kNN bank (e.g. the train split)
     val_path: str = ""  # labeled ImageFolder classified by the kNN vote (e.g. the val split)
-    k: int = 20  # neighbours per vote (kNN)
-    temperature: float = 0.07  # vote weight exp(cosine / temperature)
-    batch_size: int = 256  # images per feature-extraction forward, per rank
-    image_size: int = 0  # test center-crop size (0 = the training crop size); resize 256/224 from 128 px up
-    num_workers: int = 4  # CPU workers decoding the eval images, per rank
+    k: int = at_least(20, 1)  # neighbours per vote (kNN)
+    temperature: float = param(0.07, lambda v: v > 0, "> 0")  # vote weight exp(cosine / temperature)
+    batch_size: int = at_least(256, 1)  # images per feature-extraction forward, per rank
+    image_size: int = param(0, lambda v: v == 0 or v >= 8, "0 (the training crop size) or >= 8")  # test center-crop size (0 = the training crop size); resize 256/224 from 128 px up
+    num_workers: int = at_least(4, 0)  # CPU workers decoding the eval images, per rank
 
     def validate(self) -> None:
-        if self.knn_every < 0:
-            raise ConfigError(f"eval.knn_every = {self.knn_every}: expected >= 0 (0 = off)")
+        check_fields(self, "eval")
         if self.knn_every and not (self.train_path and self.val_path):
             raise ConfigError(f"eval.knn_every = {self.knn_every} needs eval.train_path and eval.val_path "
                               f"(labeled ImageFolders); got {self.train_path!r} and {self.val_path!r}")
-        if self.k < 1:
-            raise ConfigError(f"eval.k = {self.k}: expected >= 1")
-        if self.temperature <= 0:
-            raise ConfigError(f"eval.temperature = {self.temperature}: expected > 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size = {self.batch_size}: expected >= 1")
-        if self.image_size < 0 or 0 < self.image_size < 8:
-            raise ConfigError(f"eval.image_size = {self.image_size}: expected 0 (the training crop size) or >= 8")
-        if self.num_workers < 0:
-            raise ConfigError(f"eval.num_workers = {self.num_workers}: expected >= 0")
 
 
 # The official ImageNet presets (deepmind-research byol/configs/byol.py: _LR_PRESETS, _WD_PRESETS,

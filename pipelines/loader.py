@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from pipelines.params import at_least, check_fields, choice, in_range
 from pipelines.sharding import rank_batches, steps_per_epoch
 
 BACKENDS = ("folder", "synthetic", "ffcv", "dali")
@@ -37,53 +38,36 @@ class TwoViewLoader(Protocol):
 
 @dataclass
 class FFCVOptions:
-    order: str = "random"  # random | quasi_random (for datasets larger than RAM)
+    order: str = choice("random", ("random", "quasi_random"))  # random | quasi_random (for datasets larger than RAM)
     os_cache: bool = True  # True: memory-map the file (page cache); False: FFCV process cache
-    interpolation: str = "cubic"  # crop resize: cubic (Pillow's antialiased bicubic, the folder backend's pixels) / area (OpenCV INTER_AREA: faster, nearest-like when enlarging)
+    interpolation: str = choice("cubic", ("cubic", "area"))  # crop resize: cubic (Pillow's antialiased bicubic, the folder backend's pixels) / area (OpenCV INTER_AREA: faster, nearest-like when enlarging)
 
 
 @dataclass
 class DALIOptions:
-    decode: str = "once"  # once: decode each JPEG once, crop twice | roi: ROI-decode each crop
-    device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
-    hw_decoder_load: float = 0.65  # share of images sent to the A100/H100 hardware JPEG decoder
+    decode: str = choice("once", ("once", "roi"))  # once: decode each JPEG once, crop twice | roi: ROI-decode each crop
+    device: str = choice("auto", ("auto", "gpu", "cpu"))  # auto (gpu when CUDA is available) | gpu | cpu
+    hw_decoder_load: float = in_range(0.65, 0.0, 1.0)  # share of images sent to the A100/H100 hardware JPEG decoder
 
 
 @dataclass
 class DataConfig:
-    backend: str = "folder"  # folder | synthetic | ffcv | dali
+    backend: str = choice("folder", BACKENDS, "one of " + ", ".join(BACKENDS))  # folder | synthetic | ffcv | dali
     path: str = ""  # ImageFolder root (folder, dali), .beton file (ffcv); unused by synthetic
-    batch_size: int = 4096  # global batch (all ranks); each rank gets batch_size / world_size
-    num_workers: int = 8  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
-    prefetch: int = 2  # batches prepared ahead of the training step
+    batch_size: int = at_least(4096, 1, "a positive integer")  # global batch (all ranks); each rank gets batch_size / world_size
+    num_workers: int = at_least(8, 0)  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
+    prefetch: int = at_least(2, 1)  # batches prepared ahead of the training step
     drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
-    on_bad_image: str = "skip"  # skip | error: what a corrupt or unreadable image does
-    synthetic_steps: int = 100  # steps per epoch of the synthetic backend
+    on_bad_image: str = choice("skip", ("skip", "error"))  # skip | error: what a corrupt or unreadable image does
+    synthetic_steps: int = at_least(100, 1)  # steps per epoch of the synthetic backend
     demo: bool = False  # write the demo image set (train/ and val/ beside data.path) if data.path is missing
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend = {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size = {self.batch_size}: expected a positive integer")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers = {self.num_workers}: expected >= 0")
-        if self.prefetch < 1:
-            raise ValueError(f"data.prefetch = {self.prefetch}: expected >= 1")
-        if self.on_bad_image not in ("skip", "error"):
-            raise ValueError(f"data.on_bad_image = {self.on_bad_image!r}: expected skip or error")
-        if self.synthetic_steps < 1:
-            raise ValueError(f"data.synthetic_steps = {self.synthetic_steps}: expected >= 1")
-        if self.ffcv.order not in ("random", "quasi_random"):
-            raise ValueError(f"data.ffcv.order = {self.ffcv.order!r}: expected random or quasi_random")
-        if self.ffcv.interpolation not in ("cubic", "area"):
-            raise ValueError(f"data.ffcv.interpolation = {self.ffcv.interpolation!r}: expected cubic or area")
-        if self.dali.decode not in ("once", "roi"):
-            raise ValueError(f"data.dali.decode = {self.dali.decode!r}: expected once or roi")
-        if self.dali.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"data.dali.device = {self.dali.device!r}: expected auto, gpu or cpu")
+        check_fields(self, "data")
+        check_fields(self.ffcv, "data.ffcv")
+        check_fields(self.dali, "data.dali")
         if self.backend != "synthetic" and not self.path:
             raise ValueError(f"data.path is empty: the {self.backend} backend needs a data path")
 

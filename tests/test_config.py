@@ -142,3 +142,25 @@ def test_explicit_keys_override_the_recipe(tmp_path):
 def test_unknown_recipe_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^recipe = '500ep': expected one of 1000ep, 300ep, 100ep, 40ep"):
         load_config(None, ["recipe=500ep"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.width=3", "model.width = 3: expected 1, 2 or 4"),  # the choices of fastbyol.models.resnet.WIDTHS
+    ("train.precision=fp8", "train.precision = 'fp8': expected bf16, fp16 or fp32"),
+    ("eval.image_size=4", "eval.image_size = 4: expected 0 (the training crop size) or >= 8"),
+    ("data.dali.hw_decoder_load=2", "data.dali.hw_decoder_load = 2.0: expected a value in [0.0, 1.0]"),
+    ("data.ffcv.order=sorted", "data.ffcv.order = 'sorted': expected random or quasi_random"),
+])
+def test_each_check_sits_with_its_default(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.backend=synthetic", override])
+    assert str(err.value) == message
+
+
+def test_model_choices_are_the_resnet_tables():
+    from fastbyol.models.resnet import STAGES, STEMS, WIDTHS
+
+    checks = {f.name: f.metadata["check"] for f in dataclasses.fields(load_config(None, ["data.backend=synthetic"]).model)
+              if "check" in f.metadata}
+    assert all(checks["depth"](d) for d in STAGES) and not checks["depth"](51)
+    assert all(checks["width"](w) for w in WIDTHS) and all(checks["stem"](s) for s in STEMS)
