@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from fastbyol.config import ConfigError
 
@@ -25,10 +26,19 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, force=args.force)
     except Interrupted:
         return 130
-    if launcher_env().is_main:
-        err.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"{summary['mean_images_per_sec']:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
-                  f"run directory {summary['run_dir']}")
+    if not launcher_env().is_main:
+        return 0
+    if summary["already_complete"]:
+        for note in summary["notes"]:
+            err.print(note, markup=False)
+        err.print(f"run directory {summary['run_dir']} holds a complete run ({summary['steps']} steps of "
+                  f"{summary['total_steps']}); nothing to do. Raise train.epochs (or train.max_steps) to continue it, "
+                  f"or pass --no-resume to start afresh", markup=False)
+        return 0
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    err.print(f"done: {summary['steps']} steps, final loss {loss}, "
+              f"{summary['mean_images_per_sec'] or 0:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
+              f"run directory {summary['run_dir']}", markup=False)
     return 0
 
 
@@ -174,14 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a user needs from a bad-input exception. An exception re-raised from a
+    DataLoader worker carries the worker's traceback in its message: its last line is the error."""
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def print_error(e: BaseException) -> None:
+    # the message is data, not markup: "[...]" in it (a path, a list) is printed as written
+    err.print(f"[red]error:[/red] {escape(error_line(e))}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (the error named in one line), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    # Bad input (ConfigError is a ValueError; missing files) and missing optional backends: their
-    # messages name the key, the path or the package to install, so a traceback adds nothing.
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}")
+    # Bad input (ConfigError is a ValueError; missing, unreadable or corrupt files) and missing
+    # optional backends: their messages name the key, the path or the package to install, so a
+    # traceback adds nothing.
+    except (ValueError, OSError, ImportError) as e:
+        print_error(e)
         return 2
 
 

@@ -184,6 +184,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return obj
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's Python object, in rank order (a one-element list in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -287,5 +296,5 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return _to_cpu_sync(module)
 
 
-__all__ = ["CPUSyncBatchNorm", "DistInfo", "all_reduce_mean", "barrier", "broadcast_object",
+__all__ = ["CPUSyncBatchNorm", "DistInfo", "all_gather_object", "all_reduce_mean", "barrier", "broadcast_object",
            "convert_sync_batchnorm", "first_host", "init", "launcher_env", "resolve_device", "shutdown"]

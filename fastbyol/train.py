@@ -21,25 +21,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 import pipelines
-from fastbyol import checkpoint, dist
+from fastbyol import checkpoint, dist, rundir
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
-from fastbyol.config import Config, ConfigError, dump_yaml, to_dict
+from fastbyol.config import Config, ConfigError, to_dict
 from fastbyol.ema import TargetEMA
 from fastbyol.evaluate import KNNMonitor
 from fastbyol.export import online_encoder_state
 from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
 from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS, lr_at, tau_at
-
-# Keys that may differ between a run directory's config and the config resuming it: they change
-# how a run is watched or fed, never what it computes.
-RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.device")
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
@@ -112,32 +105,6 @@ def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: floa
     return out
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
-    """Write config.yaml; refuse a directory that holds a different run unless `force`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.exists() and not force:
-        old = _flatten(yaml.safe_load(path.read_text()) or {})
-        new = _flatten(to_dict(cfg))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
-        if changed:
-            listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ConfigError(f"run directory {run_dir} holds a different run ({listing}); "
-                              f"choose another train.run_dir, or pass --force to overwrite its config")
-    path.write_text(dump_yaml(cfg))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints and stops at the next step boundary."""
 
@@ -183,10 +150,9 @@ def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | N
 def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
            step_hook: Callable[[int], None] | None) -> dict:
     cfg.validate(info.world_size)
+    rundir.absolute_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
-    if info.is_main:
-        prepare_run_dir(cfg, run_dir, force)
-    dist.barrier()
+    fresh = rundir.decide_fresh(cfg, run_dir, force, info)  # nothing is written before data and checkpoint are good
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
@@ -201,15 +167,23 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     c = build_components(cfg, device, info, peak_lr)
 
     step = 0
-    state = checkpoint.load_latest(run_dir, map_location=device) if cfg.train.resume == "auto" else None
+    state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
     if state is not None:
+        step = state["step"]
+        if step >= total_steps:  # a finished run: report it; only finish what a kill cut short
+            notes = rundir.finish_complete(run_dir, state) if info.is_main else []
+            return {"steps": step, "total_steps": total_steps, "already_complete": True, "run_dir": str(run_dir),
+                    "notes": notes}
         c.byol.load_state_dict(state["model"])
         c.optimizer.load_state_dict(state["optimizer"])
         if c.scaler is not None and state.get("scaler"):
             c.scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+    messages = rundir.begin(cfg, run_dir, fresh, step) if info.is_main else []
+    dist.barrier()
 
     monitor = RunMonitor(run_dir, total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
+    for text in messages:
+        monitor.message(text)
     if state is not None:
         monitor.message(f"resumed from {state['path']} at step {step}")
     knn = KNNMonitor.from_config(cfg) if cfg.eval.knn_every else None
@@ -284,9 +258,9 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     elapsed = time.perf_counter() - start_time
     summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
-               "wall_time_s": elapsed, "run_dir": str(run_dir)}
+               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": total_steps, "already_complete": False}
     if info.is_main:
-        torch.save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
+        checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return summary
