@@ -18,14 +18,19 @@ from torch import nn
 
 
 class MLP(nn.Sequential):
-    """Projector / predictor: Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out)."""
+    """Projector / predictor: Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out, no bias).
+
+    As the official code (byol/utils/networks.py: the last hk.Linear has with_bias=False). A bias
+    there would be dead weight: the projector's is cancelled by the predictor's BatchNorm (zero
+    gradient, a random constant copied into the target's projections); the predictor has none either.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
         super().__init__(
             nn.Linear(in_dim, hidden_dim),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(hidden_dim, out_dim, bias=False),
         )
 
 

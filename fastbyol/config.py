@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipelines import DataConfig
+from pipelines.loader import DataConfig
 from pipelines.policy import AugmentConfig
 
 
@@ -32,7 +32,11 @@ class ModelConfig:
     depth: int = 50  # ResNet depth: 18, 34, 50, 101, 152 or 200
     width: int = 1  # width multiplier: 1, 2 or 4 (the paper's 1x, 2x, 4x)
     stem: str = "imagenet"  # imagenet (7x7/2 conv + maxpool) | cifar (3x3/1 conv, for small images)
-    zero_init_residual: bool = False  # zero-init the last BN gamma of every residual block
+    # Default True, as the released official code: byol/utils/networks.py builds its ResNet from
+    # hk.nets.ResNet.BlockGroup, whose BlockV1 makes the bottleneck's last BatchNorm with
+    # scale_init=jnp.zeros (dm-haiku haiku/_src/nets/resnet.py). We found no official statement or
+    # issue thread that the paper's runs used gamma = 1, so the code we can read decides.
+    zero_init_residual: bool = True  # last BN gamma of each bottleneck block starts at 0 (official code); false: 1
     channels_last: bool = True  # NHWC memory format for the encoder and the views
     compile: bool = False  # torch.compile the online and target networks
 
@@ -90,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000  # the paper: 1000 (300 for ablations)
+    epochs: int = 1000  # the paper: 1000 (`recipe` sets it together with lr, weight decay and tau)
     max_steps: int = 0  # if > 0: stop after this many steps; the schedules span max_steps
     precision: str = "bf16"  # bf16 (autocast) | fp16 (autocast + grad scaler) | fp32
     device: str = "auto"  # auto (cuda when available) | cuda | cpu
@@ -171,8 +175,22 @@ class EvalConfig:
             raise ConfigError(f"eval.num_workers = {self.num_workers}: expected >= 0")
 
 
+# The official ImageNet presets (deepmind-research byol/configs/byol.py: _LR_PRESETS, _WD_PRESETS,
+# _EMA_PRESETS at batch 4096, 10 warm-up epochs each). A recipe sets these keys' values before the
+# YAML file and the command line are read, so a key given explicitly still wins.
+RECIPES: dict[str, dict[str, dict[str, float]]] = {
+    f"{epochs}ep": {
+        "train": {"epochs": epochs},
+        "optim": {"base_lr": lr, "weight_decay": wd, "warmup_epochs": 10.0},
+        "byol": {"tau_base": tau},
+    }
+    for epochs, lr, wd, tau in ((1000, 0.2, 1.5e-6, 0.996), (300, 0.3, 1e-6, 0.99), (100, 0.45, 1e-6, 0.99), (40, 0.45, 1e-6, 0.97))
+}
+
+
 @dataclass
 class Config:
+    recipe: str = ""  # official ImageNet preset 1000ep / 300ep / 100ep / 40ep: sets train.epochs, optim.base_lr, optim.weight_decay, byol.tau_base, optim.warmup_epochs ('' = none)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,7 +203,9 @@ class Config:
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section; ValueErrors of the sections become ConfigErrors."""
-        for section in dataclasses.fields(self):
+        if self.recipe and self.recipe not in RECIPES:
+            raise ConfigError(f"recipe = {self.recipe!r}: expected one of {', '.join(RECIPES)} (or '' for none)")
+        for section in (f for f in dataclasses.fields(self) if f.name != "recipe"):
             try:
                 getattr(self, section.name).validate()
             except ConfigError:
@@ -279,8 +299,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """The config of YAML file `path` (defaults where absent) with `a.b.c=value` overrides applied."""
-    cfg = Config()
+    """The config of YAML file `path` (defaults where absent) with `a.b.c=value` overrides applied.
+
+    A `recipe` (from the file or the command line, the latter winning) first sets its keys; every
+    key the file or the command line gives explicitly then overrides it.
+    """
+    layers: list[tuple[dict, str]] = []  # (values, where they come from), in the order applied
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -289,20 +313,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        _update(cfg, values, "", str(path))
+        layers.append((values, str(path)))
     for text in overrides:
         keys, value = _parse_override(text)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _update(cfg, nested, "", "the command line")
+        layers.append((nested, "the command line"))
+    cfg = _with_recipe(layers)
+    for values, source in layers:
+        _update(cfg, values, "", source)
     cfg.validate(world_size)
+    return cfg
+
+
+def _with_recipe(layers: list[tuple[dict, str]]) -> Config:
+    """Defaults, then the values of the last `recipe` named in `layers` (none: plain defaults)."""
+    cfg = Config()
+    for values, source in layers:
+        if isinstance(values, dict) and "recipe" in values:
+            _update(cfg, {"recipe": values["recipe"]}, "", source)
+    if cfg.recipe:
+        if cfg.recipe not in RECIPES:
+            cfg.validate()  # raises the one-line error naming the valid recipes
+        _update(cfg, RECIPES[cfg.recipe], "", f"recipe {cfg.recipe}")
     return cfg
 
 
 def config_from_dict(values: dict) -> Config:
     """A Config from a plain dict (e.g. the one stored in a checkpoint)."""
-    cfg = Config()
+    cfg = _with_recipe([(values, "the stored config")])
     _update(cfg, values, "", "the stored config")
     cfg.validate()
     return cfg

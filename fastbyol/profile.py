@@ -158,13 +158,8 @@ class DelayedLoader:
 def _endless(loader: pipelines.TwoViewLoader) -> Iterator[pipelines.Batch]:
     """Batches of epoch 0, 1, 2, ... (epoch start-up, e.g. worker launch, is part of the cost)."""
     epoch = 0
-    while True:
-        empty = True
-        for batch in loader.epoch(epoch):
-            empty = False
-            yield batch
-        if empty:
-            raise ConfigError("the loader yields no batch (is data.batch_size larger than the dataset?)")
+    while True:  # every loader has at least one step per epoch (its plan refuses fewer)
+        yield from loader.epoch(epoch)
         epoch += 1
 
 

@@ -157,10 +157,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
     loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is larger than the dataset at {cfg.data.path}: "
-                          "an epoch has no full batch (lower the batch size or set data.drop_last=false)")
+    steps_per_epoch = len(loader)  # >= 1: the loader refuses a plan without a step
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup_steps = min(total_steps - 1, round(cfg.optim.warmup_epochs * steps_per_epoch))
     peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)

@@ -60,9 +60,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines import Batch, DataConfig, per_rank_batch
+from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import GRAY_WEIGHTS, AugmentConfig, ViewPolicy
-from pipelines.sharding import rank_batches, steps_per_epoch
 from pipelines.seeding import derive_seed
 
 INSTALL_HINT = (
@@ -350,47 +349,27 @@ def _cuda_index(device: torch.device) -> int:
 
 
 class DALILoader:
-    """The DALI backend's TwoViewLoader for one rank (see pipelines.TwoViewLoader)."""
+    """The DALI backend's TwoViewLoader for one rank: data.path is an ImageFolder root or a
+    `.txt` list of `path label` lines."""
 
-    def __init__(
-        self,
-        paths: Sequence[str],
-        labels: Sequence[int],
-        data: DataConfig,
-        augment: AugmentConfig,
-        device: torch.device | str,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
+    def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        import_dali()
         augment.validate()
-        self.paths, self.labels = list(paths), list(labels)
+        self.paths, self.labels = list_images(data.path)
         self.data, self.augment = data, augment
         self.device = torch.device(device)
         self.dali_device = resolve_device(data.dali.device, self.device)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.global_batch = data.batch_size
-        self.batch_size = per_rank_batch(data.batch_size, world_size)
-        self.steps = steps_per_epoch(len(self.paths), self.global_batch, data.drop_last)
-        if self.steps == 0:
-            raise ValueError(
-                f"data.batch_size = {self.global_batch} is larger than the dataset "
-                f"({len(self.paths)} images) and data.drop_last is true: no step fits; "
-                "lower the batch size or set drop_last false"
-            )
+        self.plan = LoaderPlan.of(data, len(self.paths), rank, world_size, seed)
+        self.batch_size = self.plan.batch_size
 
     def __len__(self) -> int:
-        return self.steps
+        return self.plan.steps
 
     def pipeline(self, epoch: int, start_step: int = 0) -> Any:
         """The (unbuilt) DALI pipeline of this rank's steps start_step.. of `epoch`."""
         dali = import_dali()
-        order = np.concatenate(rank_batches(
-            len(self.paths), self.global_batch, self.rank, self.world_size, self.seed, epoch,
-            self.data.drop_last,
-        )[start_step:])
+        order = np.concatenate(self.plan.batch_indices(epoch, start_step))
         gpu = self.dali_device == "gpu"
         build = dali.pipeline_def(_graph, enable_conditionals=True)
         return build(
@@ -404,7 +383,7 @@ class DALILoader:
             num_threads=max(1, self.data.num_workers),
             device_id=_cuda_index(self.device) if gpu else None,
             prefetch_queue_depth=self.data.prefetch,
-            seed=derive_seed(self.seed, epoch, self.rank, start_step) % (2**31 - 1),
+            seed=derive_seed(self.plan.seed, epoch, self.plan.rank, start_step) % (2**31 - 1),
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
@@ -413,12 +392,11 @@ class DALILoader:
         Views are float32 (B, 3, S, S), normalized, channels_last, on the device; labels int64
         (B,). B is the per-rank batch (smaller at a partial last step when drop_last is false).
         """
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= {self.steps}")
+        check_start_step(start_step, self.plan.steps)
         return self._iterate(epoch, start_step)
 
     def _iterate(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        if start_step == self.steps:
+        if start_step == self.plan.steps:
             return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -440,17 +418,3 @@ class DALILoader:
         # CPU pipeline feeding a CUDA device copies, once, to the device.
         return hwc.permute(0, 3, 1, 2).to(self.device, non_blocking=True)
 
-
-def build(
-    data: DataConfig,
-    augment: AugmentConfig,
-    device: torch.device | str,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> DALILoader:
-    """The DALI backend for `rank` of `world_size`: data.path is an ImageFolder root or a
-    `.txt` list of `path label` lines."""
-    import_dali()
-    paths, labels = list_images(data.path)
-    return DALILoader(paths, labels, data, augment, device, rank, world_size, seed)

@@ -30,11 +30,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines import Batch, DataConfig, per_rank_batch
-from pipelines.gpu_augment import make_view
+from pipelines.gpu_augment import make_views
+from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import AugmentConfig
-from pipelines.sharding import rank_batches, steps_per_epoch
-from pipelines.seeding import derive_seed, generator
+from pipelines.seeding import derive_seed
 
 INSTALL_HINT = (
     "the ffcv backend needs FFCV 1.0.2, built from source: install Debian's pkg-config "
@@ -51,25 +50,11 @@ def require_ffcv() -> None:
         raise ImportError(f"{INSTALL_HINT} ({err})") from err
 
 
-def random_batches(n: int, epoch: int, seed: int, global_batch: int, rank: int,
-                   world_size: int, drop_last: bool) -> list[np.ndarray]:
-    """This rank's sample indices for each step of `epoch` in random order (pipelines.sharding's rule)."""
-    return rank_batches(n, global_batch, rank, world_size, seed, epoch, drop_last)
-
-
-def quasi_random_shard(n: int, rank: int, world_size: int) -> np.ndarray:
-    """The contiguous block of sample indices rank r owns in quasi_random order (N // world)."""
-    size = n // world_size
-    return np.arange(rank * size, (rank + 1) * size, dtype=np.uint64)
-
-
 class FFCVLoader:
     """The ffcv backend's TwoViewLoader for one rank (see pipelines.TwoViewLoader)."""
 
-    def __init__(self, path: str, augment: AugmentConfig, device: torch.device | str, *,
-                 global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 drop_last: bool = True, num_workers: int = 1, prefetch: int = 2,
-                 order: str = "random", os_cache: bool = True) -> None:
+    def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         require_ffcv()
         import numba
         from ffcv.fields.basics import IntDecoder
@@ -80,16 +65,9 @@ class FFCVLoader:
 
         from pipelines.ffcv_decode import TwoCropDecoder
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
-        if order not in ("random", "quasi_random"):
-            raise ValueError(f"data.ffcv.order = {order!r}: expected random or quasi_random")
         augment.validate()
-        self.path, self.augment = str(path), augment
+        self.path, self.augment = str(data.path), augment
         self.device = torch.device(device)
-        self.batch_size = per_rank_batch(global_batch, world_size)
-        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.seed, self.drop_last, self.order = seed, drop_last, order
 
         reader = Reader(self.path)
         fields = reader.handlers
@@ -98,7 +76,9 @@ class FFCVLoader:
                 f"{self.path}: fields {sorted(fields)}; expected 'image' and 'label' "
                 "(write the file with `fastbyol convert`)"
             )
-        self.num_samples = int(reader.num_samples)
+        quasi = data.ffcv.order == "quasi_random"
+        self.plan = LoaderPlan.of(data, int(reader.num_samples), rank, world_size, seed, rank_blocks=quasi)
+        self.batch_size = self.plan.batch_size
         v1, v2 = augment.view1, augment.view2
         self.decoder = TwoCropDecoder(v1.crop_size, (v1.crop_scale, v2.crop_scale),
                                       (v1.crop_ratio, v2.crop_ratio))
@@ -106,49 +86,37 @@ class FFCVLoader:
         pipelines["image"] = [self.decoder, ToTensor()]
         pipelines["label"] = [IntDecoder(), ToTensor()]
         # FFCV's workers are numba threads; numba refuses more than NUMBA_NUM_THREADS.
-        threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
-        n = self.num_samples
-        if order == "random":
-            initial = np.arange(n, dtype=np.uint64)
-            per_rank = steps_per_epoch(n, global_batch, drop_last)
-        else:
-            initial = quasi_random_shard(n, rank, world_size)
-            per_rank = steps_per_epoch(len(initial), self.batch_size, drop_last)
-        self.steps = per_rank
-        if self.steps == 0:
-            raise ValueError(
-                f"data.batch_size = {global_batch} leaves no step for {n} images on {world_size} "
-                "rank(s) with drop_last true: lower the batch size or set data.drop_last false"
-            )
+        threads = max(1, min(data.num_workers, numba.config.NUMBA_NUM_THREADS))
+        initial = self.plan.block() if quasi else np.arange(self.plan.num_images, dtype=np.uint64)
         # FFCV sees exactly the indices we hand it each epoch: SEQUENTIAL order over `indices`,
         # no drop_last or distributed logic of its own.
         self._loader = Loader(
-            self.path, batch_size=self.batch_size, num_workers=threads, os_cache=os_cache,
+            self.path, batch_size=self.batch_size, num_workers=threads, os_cache=data.ffcv.os_cache,
             order=OrderOption.SEQUENTIAL, distributed=False, seed=0, indices=initial,
-            pipelines=pipelines, drop_last=False, batches_ahead=prefetch,
+            pipelines=pipelines, drop_last=False, batches_ahead=data.prefetch,
         )
         # QuasiRandom maps this rank's block (the loader's indices) to the file's pages.
-        self._quasi = QuasiRandom(self._loader) if order == "quasi_random" else None
+        self._quasi = QuasiRandom(self._loader) if quasi else None
 
     def __len__(self) -> int:
-        return self.steps
+        return self.plan.steps
 
-    def batch_indices(self, epoch: int) -> list[np.ndarray]:
-        """This rank's sample indices for every step of `epoch` (len(self) arrays)."""
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[np.ndarray]:
+        """This rank's sample indices for steps start_step.. of `epoch`."""
         if self._quasi is None:
-            return random_batches(self.num_samples, epoch, self.seed, self.global_batch,
-                                  self.rank, self.world_size, self.drop_last)
+            return self.plan.batch_indices(epoch, start_step)
+        check_start_step(start_step, self.plan.steps)
         from ffcv.traversal_order.quasi_random import generate_order_inner
 
         q = self._quasi
         order = np.zeros(int(q.page_sizes.sum()), dtype=np.int64)
         # FFCV's sample_order shuffles its page table in place, so that its order depends on
         # the calls before; on a copy, the order is a function of (seed, rank, epoch).
-        generate_order_inner(derive_seed(self.seed, self.rank, epoch) & 0x7FFFFFFF,
+        generate_order_inner(derive_seed(self.plan.seed, self.plan.rank, epoch) & 0x7FFFFFFF,
                              q.page_to_samples_array.copy(), q.page_sizes, order,
                              2 * self.batch_size)
         b = self.batch_size
-        return [order[i * b:(i + 1) * b] for i in range(self.steps)]
+        return [order[i * b:(i + 1) * b] for i in range(start_step, self.plan.steps)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield Batch(view1, view2, labels) for steps start_step..len(self)-1 of `epoch`.
@@ -156,9 +124,8 @@ class FFCVLoader:
         Views: (B, 3, S, S) float32, normalized, channels_last, on the device; labels (B,)
         int64. Batches before start_step are neither read nor decoded.
         """
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= {self.steps}")
-        return self._iterate(epoch, start_step)
+        batches = self.batch_indices(epoch, start_step)  # checks start_step before iterating
+        return self._iterate(epoch, start_step, batches)
 
     def raw_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """FFCV's output for steps start_step.. of `epoch`, before the device and make_view.
@@ -166,12 +133,14 @@ class FFCVLoader:
         Yields (crops, labels): crops (B, 2, S, S, 3) uint8 RGB, [:, 0] for view 1 and [:, 1]
         for view 2; labels (B, 1) int64. Both alias FFCV's buffers, valid until the next batch.
         """
-        batches = self.batch_indices(epoch)[start_step:]
+        return self._raw(epoch, self.batch_indices(epoch, start_step))
+
+    def _raw(self, epoch: int, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not batches:
             return
         # Only the last batch may be short, so FFCV's own chunking gives back these batches.
         self._loader.traversal_order.indices = np.concatenate(batches).astype(np.uint64)
-        self.decoder.set_epoch_key(derive_seed(self.seed, epoch))
+        self.decoder.set_epoch_key(derive_seed(self.plan.seed, epoch))
         epoch_iter = iter(self._loader)
         try:
             while True:
@@ -207,38 +176,14 @@ class FFCVLoader:
             epoch_iter.current_stream.wait_stream(epoch_iter.cuda_streams[slot])
         return result
 
-    def _iterate(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        policies = (self.augment.view1, self.augment.view2)
-        mean, std = self.augment.mean, self.augment.std
-        raw = self.raw_batches(epoch, start_step)
-        for step, (crops, labels) in enumerate(raw, start=start_step):
+    def _iterate(self, epoch: int, start_step: int, batches: list[np.ndarray]) -> Iterator[Batch]:
+        for step, (crops, labels) in enumerate(self._raw(epoch, batches), start=start_step):
             # One copy of both views' uint8 crops; FFCV's buffers are pinned on a CUDA machine,
             # and it waits on the current stream before reusing them.
             crops = crops.to(self.device, non_blocking=True)  # (B, 2, S, S, 3)
-            views = []
-            for k, policy in enumerate(policies, start=1):
-                x = crops[:, k - 1].permute(0, 3, 1, 2)  # (B, 3, S, S), channels-last strides
-                # rank is a key so that ranks do not share augmentation draws row by row
-                g = generator(self.device, self.seed, epoch, step, k, self.rank)
-                views.append(make_view(x, policy, g, mean, std, dtype=torch.float32))
+            # (B, 3, S, S) per view, channels-last strides
+            pair = (crops[:, 0].permute(0, 3, 1, 2), crops[:, 1].permute(0, 3, 1, 2))
+            view1, view2 = make_views(pair, self.augment, self.plan.seed, epoch, step, self.plan.rank)
             # copy: on the CPU, .to() would alias FFCV's buffer, which it reuses
             labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
-            yield Batch(views[0], views[1], labels)
-
-
-def build(
-    data: DataConfig,
-    augment: AugmentConfig,
-    device: torch.device | str,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> FFCVLoader:
-    """The ffcv backend for `rank` of `world_size`: data.path is a .beton from `fastbyol convert`."""
-    require_ffcv()
-    return FFCVLoader(
-        data.path, augment, device,
-        global_batch=data.batch_size, rank=rank, world_size=world_size, seed=seed,
-        drop_last=data.drop_last, num_workers=data.num_workers, prefetch=data.prefetch,
-        order=data.ffcv.order, os_cache=data.ffcv.os_cache,
-    )
+            yield Batch(view1, view2, labels)

@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import Batch, DataConfig, per_rank_batch
 from pipelines.crops import sample_crop
-from pipelines.gpu_augment import make_view
+from pipelines.gpu_augment import make_views
+from pipelines.loader import Batch, DataConfig, LoaderPlan
 from pipelines.policy import AugmentConfig, ViewPolicy
-from pipelines.sharding import rank_batches, steps_per_epoch
-from pipelines.seeding import derive_seed, generator, numpy_rng
+from pipelines.seeding import derive_seed, numpy_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -149,54 +148,24 @@ class TwoCropFolder(Dataset):
 
 
 class FolderLoader:
-    """The folder backend's TwoViewLoader for one rank (see pipelines.TwoViewLoader).
+    """The folder backend's TwoViewLoader for one rank: data.path is an ImageFolder root.
 
-    Each epoch is a permutation of all images from numpy_rng(seed, epoch), cut into global
-    batches; rank r takes the r-th contiguous slice of each. With drop_last the incomplete
-    global batch is dropped; otherwise it is kept, padded to a multiple of world_size with the
-    epoch's first images (as DistributedSampler does) so every rank has the same batch size.
+    Each epoch's images per step come from the LoaderPlan (pipelines.sharding's rule); CPU
+    workers decode and crop, the device augments.
     """
 
-    def __init__(
-        self,
-        dataset: TwoCropFolder,
-        augment: AugmentConfig,
-        device: torch.device | str,
-        *,
-        global_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        drop_last: bool = True,
-        num_workers: int = 0,
-        prefetch: int = 2,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
-        self.dataset = dataset
-        self.augment = augment
-        self.device = torch.device(device)
-        self.batch_size = per_rank_batch(global_batch, world_size)
-        self.global_batch = global_batch
-        self.rank, self.world_size = rank, world_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_workers, self.prefetch = num_workers, prefetch
-        n = len(dataset)
-        self.steps = steps_per_epoch(n, global_batch, drop_last)
-        if self.steps == 0:
-            raise ValueError(
-                f"data.batch_size = {global_batch} is larger than the dataset ({n} images) and "
-                "data.drop_last is true: no step fits; lower the batch size or set drop_last false"
-            )
+    def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        paths, labels, classes = find_images(data.path)
+        self.dataset = TwoCropFolder(paths, labels, classes, (augment.view1, augment.view2), seed,
+                                     data.on_bad_image)
+        self.plan = LoaderPlan.of(data, len(paths), rank, world_size, seed)
+        self.batch_size = self.plan.batch_size
+        self.augment, self.device = augment, torch.device(device)
+        self.num_workers, self.prefetch = data.num_workers, data.prefetch
 
     def __len__(self) -> int:
-        return self.steps
-
-    def batch_indices(self, epoch: int) -> list[list[int]]:
-        """This rank's dataset indices for every step of `epoch` (len(self) lists)."""
-        return [b.tolist() for b in rank_batches(len(self.dataset), self.global_batch, self.rank,
-                                                 self.world_size, self.seed, epoch, self.drop_last)]
+        return self.plan.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield Batch(view1, view2, labels) for steps start_step..len(self)-1 of `epoch`.
@@ -204,52 +173,24 @@ class FolderLoader:
         Views are float32 (B, 3, S, S), normalized, channels_last, on the device; labels int64 (B,).
         Skipped steps are not decoded.
         """
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= {self.steps}")
-        return self._iterate(epoch, start_step)
+        batches = self.plan.batch_indices(epoch, start_step)  # checks start_step before iterating
+        return self._iterate(epoch, start_step, batches)
 
-    def _iterate(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        batches = [[(epoch, i) for i in b] for b in self.batch_indices(epoch)[start_step:]]
+    def _iterate(self, epoch: int, start_step: int, batches: list[np.ndarray]) -> Iterator[Batch]:
         if not batches:
             return
         workers = self.num_workers
         loader = DataLoader(
             self.dataset,
-            batch_sampler=batches,
+            batch_sampler=[[(epoch, int(i)) for i in b] for b in batches],
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.prefetch if workers > 0 else None,
             # The DataLoader draws its worker base seed from this generator; without one it
             # would consume the global torch RNG every epoch.
-            generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)),
+            generator=torch.Generator().manual_seed(derive_seed(self.plan.seed, epoch)),
         )
-        policies = (self.augment.view1, self.augment.view2)
-        mean, std = self.augment.mean, self.augment.std
         for step, (x1, x2, labels) in enumerate(loader, start=start_step):
-            views = []
-            for k, (x, policy) in enumerate(zip((x1, x2), policies), start=1):
-                x = x.to(self.device, non_blocking=True)
-                # rank is a key so that ranks do not share augmentation draws row by row
-                g = generator(self.device, self.seed, epoch, step, k, self.rank)
-                views.append(make_view(x, policy, g, mean, std, dtype=torch.float32))
-            yield Batch(views[0], views[1], labels.to(self.device, non_blocking=True))
-
-
-def build(
-    data: DataConfig,
-    augment: AugmentConfig,
-    device: torch.device | str,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> FolderLoader:
-    """The folder backend for `rank` of `world_size`: data.path is an ImageFolder root."""
-    paths, labels, classes = find_images(data.path)
-    dataset = TwoCropFolder(
-        paths, labels, classes, (augment.view1, augment.view2), seed, data.on_bad_image
-    )
-    return FolderLoader(
-        dataset, augment, device,
-        global_batch=data.batch_size, rank=rank, world_size=world_size, seed=seed,
-        drop_last=data.drop_last, num_workers=data.num_workers, prefetch=data.prefetch,
-    )
+            crops = (x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True))
+            view1, view2 = make_views(crops, self.augment, self.plan.seed, epoch, step, self.plan.rank)
+            yield Batch(view1, view2, labels.to(self.device, non_blocking=True))

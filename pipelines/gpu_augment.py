@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipelines.policy import GRAY_WEIGHTS, ViewPolicy
+from pipelines.policy import GRAY_WEIGHTS, AugmentConfig, ViewPolicy
+from pipelines.seeding import generator as keyed_generator
 
 # Columns of the one (B, 14) uniform draw; the order is part of the reproducibility contract.
 _FLIP, _JITTER, _ORDER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA, _SOLAR = (
@@ -277,3 +278,18 @@ def make_view(
     for c in range(3):
         x[:, c].sub_(mean[c]).div_(std[c])
     return x.to(dtype, memory_format=torch.channels_last)
+
+
+def make_views(crops: tuple[Tensor, Tensor], augment: AugmentConfig, seed: int, epoch: int, step: int,
+               rank: int) -> tuple[Tensor, Tensor]:
+    """Both views of one step from their crops, (B, 3, S, S) each, already on the device.
+
+    View k's draws come from generator(seed, epoch, step, k, rank): a pure function of the step,
+    and rank is a key so that ranks do not share augmentation draws row by row.
+    """
+    policies = (augment.view1, augment.view2)
+    view1, view2 = (
+        make_view(x, policy, keyed_generator(x.device, seed, epoch, step, k, rank), augment.mean, augment.std)
+        for k, (x, policy) in enumerate(zip(crops, policies), start=1)
+    )
+    return view1, view2

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from pipelines import Batch, DataConfig, per_rank_batch
+from pipelines.loader import Batch, DataConfig, check_rank, check_start_step, per_rank_batch
 from pipelines.policy import AugmentConfig
 from pipelines.seeding import generator
 
@@ -18,20 +18,22 @@ NUM_CLASSES = 1000  # labels are random in [0, NUM_CLASSES), like ImageNet's
 
 
 class SyntheticLoader:
-    """A TwoViewLoader yielding the same random batch for `steps` steps per epoch."""
+    """A TwoViewLoader yielding one random batch of the per-rank batch size for
+    data.synthetic_steps steps per epoch."""
 
-    def __init__(self, batch: Batch, steps: int) -> None:
-        self.batch = batch
-        self.batch_size = batch.view1.shape[0]
-        self.steps = steps
+    def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        check_rank(rank, world_size)
+        self.batch_size = per_rank_batch(data.batch_size, world_size)
+        self.batch = random_batch(self.batch_size, augment.view1.crop_size, torch.device(device), seed, rank)
+        self.steps = data.synthetic_steps
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the batch for steps start_step..len(self)-1 (the epoch number changes nothing)."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= {self.steps}")
+        check_start_step(start_step, self.steps)
         return iter([self.batch] * (self.steps - start_step))
 
 
@@ -54,18 +56,3 @@ def random_batch(
     )
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g, device=device)
     return Batch(view1, view2, labels)
-
-
-def build(
-    data: DataConfig,
-    augment: AugmentConfig,
-    device: torch.device | str,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> SyntheticLoader:
-    """data.synthetic_steps steps per epoch of one random batch of the per-rank batch size."""
-    batch_size = per_rank_batch(data.batch_size, world_size)
-    device = torch.device(device)
-    batch = random_batch(batch_size, augment.view1.crop_size, device, seed=seed, rank=rank)
-    return SyntheticLoader(batch, data.synthetic_steps)

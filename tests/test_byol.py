@@ -39,10 +39,20 @@ def test_regression_loss_float32_and_eps_safe():
     assert torch.isfinite(out).all() and torch.equal(out, torch.full((2,), 2.0))
 
 
-def test_mlp_layout():
+def test_mlp_layout_is_the_official_heads():
+    # byol/utils/networks.py MLP: Linear(with_bias=True) -> BatchNorm -> relu -> Linear(with_bias=False)
     mlp = MLP(12, 32, 16)
     assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert mlp[0].bias is not None and mlp[3].bias is None
     assert mlp(torch.randn(3, 12)).shape == (3, 16)
+    model = tiny_byol()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "encoder" not in n}
+    assert shapes == {
+        **{f"{net}.0.weight": (32, i) for net, i in (("online_projector", 512), ("target_projector", 512), ("predictor", 16))},
+        **{f"{net}.{k}": (32,) for net in ("online_projector", "target_projector", "predictor")
+           for k in ("0.bias", "1.weight", "1.bias")},
+        **{f"{net}.3.weight": (16, 32) for net in ("online_projector", "target_projector", "predictor")},
+    }
 
 
 def test_forward_matches_definition():

@@ -107,3 +107,38 @@ def test_shipped_configs_load(name):
     values = yaml.safe_load((ROOT / "configs" / name).read_text())
     assert isinstance(values, dict)
     load_config(ROOT / "configs" / name, ["data.path=/some/train"] if not values.get("data", {}).get("path") else [])
+
+
+# The official presets as the paper's appendix / byol/configs/byol.py state them (batch 4096):
+# epochs -> (base lr, weight decay, tau_base), 10 warm-up epochs each.
+OFFICIAL_PRESETS = {1000: (0.2, 1.5e-6, 0.996), 300: (0.3, 1e-6, 0.99), 100: (0.45, 1e-6, 0.99), 40: (0.45, 1e-6, 0.97)}
+
+
+@pytest.mark.parametrize("config", ["imagenet_r50_ffcv.yaml", "imagenet_r50_dali.yaml"])
+@pytest.mark.parametrize("epochs", sorted(OFFICIAL_PRESETS))
+def test_recipes_are_the_official_presets(config, epochs):
+    lr, wd, tau = OFFICIAL_PRESETS[epochs]
+    cfg = load_config(ROOT / "configs" / config, [f"recipe={epochs}ep"])
+    got = (cfg.train.epochs, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.byol.tau_base, cfg.optim.warmup_epochs)
+    assert got == (epochs, lr, wd, tau, 10.0)
+    assert cfg.data.batch_size == 4096 and cfg.optim.peak_lr(4096) == pytest.approx(lr * 16)
+    assert config_from_dict(to_dict(cfg)) == cfg  # a run's stored config reads back the same
+
+
+def test_imagenet_configs_default_to_the_1000_epoch_recipe():
+    for config in ("imagenet_r50_ffcv.yaml", "imagenet_r50_dali.yaml"):
+        cfg = load_config(ROOT / "configs" / config)
+        assert cfg.recipe == "1000ep"
+        assert (cfg.train.epochs, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.byol.tau_base) == (1000, 0.2, 1.5e-6, 0.996)
+
+
+def test_explicit_keys_override_the_recipe(tmp_path):
+    path = write(tmp_path, "recipe: 300ep\ndata: {path: /x}\noptim: {base_lr: 0.5}\n")
+    cfg = load_config(path, ["byol.tau_base=0.98"])
+    assert (cfg.train.epochs, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.byol.tau_base) == (300, 0.5, 1e-6, 0.98)
+    assert load_config(path, ["recipe=40ep"]).train.epochs == 40  # the command line's recipe wins
+
+
+def test_unknown_recipe_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^recipe = '500ep': expected one of 1000ep, 300ep, 100ep, 40ep"):
+        load_config(None, ["recipe=500ep"])

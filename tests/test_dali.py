@@ -74,7 +74,7 @@ def views(path: str, augment: AugmentConfig, batch: int = 64, seed: int = 0, **k
     """All view-1 outputs of epoch 0, as a numpy array (n, S, S, 3)."""
     dali = dali_module()
     data = DataConfig(backend="dali", path=path, batch_size=batch, num_workers=2, **kw)
-    out = [b.view1 for b in dali.build(data, augment, "cpu", seed=seed).epoch(0)]
+    out = [b.view1 for b in dali.DALILoader(data, augment, "cpu", seed=seed).epoch(0)]
     return torch.cat(out).permute(0, 2, 3, 1).numpy()
 
 
@@ -122,7 +122,7 @@ def test_two_views_of_the_asked_size_layout_and_dtype(jpeg_folder, decode):
     augment.set_crop_size(32)
     data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=2)
     data.dali.decode = decode
-    ld = dali.build(data, augment, "cpu")
+    ld = dali.DALILoader(data, augment, "cpu")
     batches = list(ld.epoch(0))
     assert len(batches) == len(ld) == 3
     for b in batches:
@@ -139,7 +139,7 @@ def test_fixed_seed_gives_a_fixed_first_batch(jpeg_folder):
     augment = AugmentConfig()
     augment.set_crop_size(32)
     data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=2)
-    first = [next(iter(dali.build(data, augment, "cpu", seed=s).epoch(0))) for s in (3, 3, 4)]
+    first = [next(iter(dali.DALILoader(data, augment, "cpu", seed=s).epoch(0))) for s in (3, 3, 4)]
     for a, b in zip(first[0], first[1]):
         assert torch.equal(a, b)
     assert not torch.equal(first[0].view1, first[2].view1)
@@ -178,7 +178,7 @@ def test_two_shards_cover_every_file_once_per_epoch(tmp_path, n, drop_last):
     path = write_list(tmp_path, [np.full((S, S, 3), i, np.uint8) for i in range(n)])
     data = DataConfig(backend="dali", path=path, batch_size=8, num_workers=1, drop_last=drop_last)
     augment = plain(only())
-    ranks = [dali.build(data, augment, "cpu", rank=r, world_size=2, seed=5) for r in range(2)]
+    ranks = [dali.DALILoader(data, augment, "cpu", rank=r, world_size=2, seed=5) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == (n // 8 if drop_last else math.ceil(n / 8))
     steps = [[b.labels.tolist() for b in ld.epoch(1)] for ld in ranks]
     assert len(steps[0]) == len(steps[1]) == len(ranks[0])
@@ -196,7 +196,7 @@ def test_resume_mid_epoch_sees_the_same_images(tmp_path):
     dali = dali_module()
     path = write_list(tmp_path, [np.full((S, S, 3), i, np.uint8) for i in range(40)])
     data = DataConfig(backend="dali", path=path, batch_size=8, num_workers=1)
-    ld = dali.build(data, AugmentConfig(only(), only()), "cpu", seed=1)
+    ld = dali.DALILoader(data, AugmentConfig(only(), only()), "cpu", seed=1)
     full = [b.labels.tolist() for b in ld.epoch(3)]
     assert [b.labels.tolist() for b in ld.epoch(3, start_step=3)] == full[3:]
     assert list(ld.epoch(3, start_step=len(ld))) == []

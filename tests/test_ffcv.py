@@ -10,7 +10,7 @@ import torch
 
 from pipelines import DataConfig, FFCVOptions, build_loader
 from pipelines.crops import sample_crop
-from pipelines.ffcv import quasi_random_shard, random_batches
+from pipelines.loader import LoaderPlan
 from pipelines.policy import AugmentConfig
 
 N = 24  # images in the test beton; label i = sample index i
@@ -133,7 +133,7 @@ def test_raw_crops_are_the_keyed_boxes(loader):
     from pipelines.ffcv_decode import DRAWS, crop_from_uniforms, fill_uniforms
     from pipelines.seeding import derive_seed
 
-    key = np.uint64(derive_seed(loader.seed, 0))
+    key = np.uint64(derive_seed(loader.plan.seed, 0))
     scales = (loader.augment.view1.crop_scale, loader.augment.view2.crop_scale)
     ratio = loader.augment.view1.crop_ratio
     checked = 0
@@ -196,24 +196,13 @@ def test_two_ranks_cover_the_dataset_without_overlap(beton):
     assert sorted(shards[0] + shards[1]) == list(range(N))
 
 
-@pytest.mark.parametrize("n,world,batch,drop_last", [(24, 2, 8, True), (25, 3, 6, False),
-                                                     (10, 4, 4, False), (31, 2, 4, True)])
-def test_random_batches_shard_every_epoch(n, world, batch, drop_last):
-    for epoch in range(3):
-        per_rank = [random_batches(n, epoch, 0, batch, r, world, drop_last) for r in range(world)]
-        steps = {len(b) for b in per_rank}
-        assert steps == {n // batch if drop_last else math.ceil(n / batch)}
-        for step in range(steps.pop()):
-            sizes = {len(b[step]) for b in per_rank}
-            assert len(sizes) == 1  # same batch size on every rank
-            ids = [i for b in per_rank for i in b[step].tolist()]
-            if drop_last:
-                assert len(set(ids)) == len(ids) == batch  # no overlap
-        flat = {i for b in per_rank for s in b for i in s.tolist()}
-        if not drop_last:
-            assert flat == set(range(n))  # every image is seen
-    shards = [quasi_random_shard(n, r, world) for r in range(world)]
-    assert len(set(np.concatenate(shards).tolist())) == world * (n // world)
+@pytest.mark.parametrize("n,world,batch", [(24, 2, 8), (25, 3, 6), (10, 4, 4), (31, 2, 4)])
+def test_quasi_random_blocks_are_disjoint_and_equal(n, world, batch):
+    plans = [LoaderPlan(n, batch, r, world, rank_blocks=True, drop_last=False) for r in range(world)]
+    blocks = [p.block().tolist() for p in plans]
+    assert all(len(b) == n // world for b in blocks)
+    assert sorted(i for b in blocks for i in b) == list(range(world * (n // world)))
+    assert {p.steps for p in plans} == {math.ceil((n // world) / (batch // world))}
 
 
 def test_quasi_random_order_and_process_cache(beton):

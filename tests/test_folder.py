@@ -163,7 +163,7 @@ def test_batches_shape_dtype_layout_and_labels(tiny_image_folder):
     assert loader.batch_size == 4 and len(loader) == N_IMAGES // 4
     batches = list(loader.epoch(0))
     assert len(batches) == len(loader)
-    expected_labels = [[loader.dataset.labels[i] for i in b] for b in loader.batch_indices(0)]
+    expected_labels = [[loader.dataset.labels[i] for i in b] for b in loader.plan.batch_indices(0)]
     for batch, labels in zip(batches, expected_labels):
         for view in (batch.view1, batch.view2):
             assert view.shape == (4, 3, CROP, CROP)
@@ -206,7 +206,7 @@ def test_two_ranks_split_each_global_batch(tiny_image_folder):
     assert len(ranks[0]) == len(ranks[1]) == N_IMAGES // 4
     assert ranks[0].batch_size == ranks[1].batch_size == 2
     order = numpy_rng(0, 7).permutation(N_IMAGES)  # the epoch's permutation, computed independently
-    per_rank = [r.batch_indices(7) for r in ranks]
+    per_rank = [[b.tolist() for b in r.plan.batch_indices(7)] for r in ranks]
     for step, (b0, b1) in enumerate(zip(*per_rank)):
         assert len(b0) == len(b1) == 2
         assert not set(b0) & set(b1)
@@ -219,7 +219,7 @@ def test_without_drop_last_every_image_is_seen_and_ranks_stay_equal(tiny_image_f
     ranks = [_loader(tiny_image_folder, batch_size=4, rank=r, world_size=2, drop_last=False)
              for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == math.ceil(N_IMAGES / 4)
-    per_rank = [r.batch_indices(0) for r in ranks]
+    per_rank = [[b.tolist() for b in r.plan.batch_indices(0)] for r in ranks]
     seen = set()
     for b0, b1 in zip(*per_rank):
         assert len(b0) == len(b1)
@@ -228,7 +228,7 @@ def test_without_drop_last_every_image_is_seen_and_ranks_stay_equal(tiny_image_f
     # 15 = 3 * 4 + 3: the last global batch holds 3 images, padded to 4 so each rank gets 2
     assert len(per_rank[0][-1]) == 2
     single = _loader(tiny_image_folder, batch_size=4, drop_last=False)
-    assert [len(b) for b in single.batch_indices(0)] == [4, 4, 4, 3]
+    assert [len(b) for b in single.plan.batch_indices(0)] == [4, 4, 4, 3]
 
 
 def test_batch_larger_than_dataset_with_drop_last_is_an_error(tiny_image_folder):

@@ -63,15 +63,38 @@ def test_unknown_depth_width_stem_raise():
         resnet(50, stem="tiny")
 
 
-@pytest.mark.parametrize("factory, last", [(resnet18, "bn2"), (resnet50, "bn3")])
-def test_zero_init_residual_zeroes_last_bn_gamma_of_each_block(factory, last):
-    model = factory(zero_init_residual=True)
-    for name, p in model.named_parameters():
-        if not name.endswith(".weight") or p.ndim != 1:
-            continue  # only BatchNorm gammas
-        is_last = name.startswith("layer") and name.split(".")[2] == last
-        assert bool((p == 0).all()) == is_last, name
-    assert all(bool((p == 1).all()) for n, p in factory().named_parameters() if n.endswith(f"{last}.weight"))
+def haiku_gamma_init(depth: int) -> dict[str, float]:
+    """Initial BatchNorm scale per torchvision-named gamma, from Haiku's ResNet as the official code
+    builds it (BlockV1: batchnorm_2, the bottleneck's last, has scale_init=zeros; all others ones)."""
+    blocks = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth]
+    bottleneck = depth >= 50
+    gammas = {"bn1.weight": 1.0}  # initial_batchnorm
+    for g, n in enumerate(blocks):
+        for b in range(n):
+            prefix = f"layer{g + 1}.{b}."
+            for i in range(3 if bottleneck else 2):  # batchnorm_0, _1, (_2)
+                gammas[f"{prefix}bn{i + 1}.weight"] = 0.0 if i == 2 else 1.0
+            if b == 0 and (bottleneck or g > 0):  # shortcut_batchnorm
+                gammas[f"{prefix}downsample.1.weight"] = 1.0
+    return gammas
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_zero_init_residual_is_the_official_haiku_init(depth):
+    model = resnet(depth, zero_init_residual=True)
+    ours = {n: p for n, p in model.named_parameters() if n.endswith(".weight") and p.ndim == 1}
+    expected = haiku_gamma_init(depth)
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert bool((ours[name] == value).all()), name
+    plain = resnet(depth, zero_init_residual=False)  # the option: every gamma starts at 1
+    assert all(bool((p == 1).all()) for n, p in plain.named_parameters() if n in expected)
+
+
+def test_config_default_is_the_official_init():
+    from fastbyol.config import ModelConfig
+
+    assert ModelConfig().zero_init_residual is True
 
 
 def test_kaiming_fan_out_init():

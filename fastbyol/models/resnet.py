@@ -131,9 +131,11 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
+        if zero_init_residual:  # each bottleneck starts as the identity, as in the official code
+            # (Haiku's BlockV1 builds its last BatchNorm with scale_init=zeros only when bottleneck
+            # is True; its basic blocks, ResNet-18/34, keep gamma = 1, and so do ours)
             for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
+                if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.last_bn().weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,9 @@ class ResNet(nn.Module):
 
 def resnet(depth: int, width: int = 1, stem: str = "imagenet", zero_init_residual: bool = False) -> ResNet:
     """A ResNet-`depth` encoder (18, 34, 50, 101, 152, 200) of `width` 1, 2 or 4, stem imagenet|cifar.
+
+    zero_init_residual: the last BatchNorm gamma of every bottleneck block (depth >= 50) starts at
+    0, as Haiku's ResNet in the official BYOL code does; basic blocks always start at gamma = 1.
 
     Output: (B, 512*width) features for depth 18/34, (B, 2048*width) for 50 and deeper.
     Build on `with torch.device("meta"):` to inspect shapes or count parameters without memory.

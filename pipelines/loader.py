@@ -1,0 +1,161 @@
+"""The loader contract every backend follows, and the plan of which images a rank loads when.
+
+A backend is a class `Loader(data, augment, device, rank, world_size, seed)` with `batch_size`
+(images per step on this rank), `len(loader)` steps per epoch (the same on every rank) and
+`loader.epoch(epoch, start_step)` yielding `Batch(view1, view2, labels)`: both views float,
+normalized, NCHW in channels_last memory format on the training device. `start_step` lets a
+resumed run continue mid-epoch with exactly the batches an uninterrupted run would have seen.
+The file-reading backends take their steps, batch size and per-step indices from one `LoaderPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from pipelines.sharding import rank_batches, steps_per_epoch
+
+BACKENDS = ("folder", "synthetic", "ffcv", "dali")
+
+
+class Batch(NamedTuple):
+    view1: torch.Tensor  # (B, 3, S, S) float, normalized, channels_last, on the device
+    view2: torch.Tensor  # same shape, an independent augmentation of the same source images
+    labels: torch.Tensor  # (B,) int64 class indices (synthetic: random)
+
+
+class TwoViewLoader(Protocol):
+    batch_size: int  # images per step on this rank
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass
+class FFCVOptions:
+    order: str = "random"  # random | quasi_random (for datasets larger than RAM)
+    os_cache: bool = True  # True: memory-map the file (page cache); False: FFCV process cache
+
+
+@dataclass
+class DALIOptions:
+    decode: str = "once"  # once: decode each JPEG once, crop twice | roi: ROI-decode each crop
+    device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
+    hw_decoder_load: float = 0.65  # share of images sent to the A100/H100 hardware JPEG decoder
+
+
+@dataclass
+class DataConfig:
+    backend: str = "folder"  # folder | synthetic | ffcv | dali
+    path: str = ""  # ImageFolder root (folder, dali), .beton file (ffcv); unused by synthetic
+    batch_size: int = 4096  # global batch (all ranks); each rank gets batch_size / world_size
+    num_workers: int = 8  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
+    prefetch: int = 2  # batches prepared ahead of the training step
+    drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
+    on_bad_image: str = "skip"  # skip | error: what a corrupt or unreadable image does
+    synthetic_steps: int = 100  # steps per epoch of the synthetic backend
+    demo: bool = False  # write the demo image set (train/ and val/ beside data.path) if data.path is missing
+    ffcv: FFCVOptions = field(default_factory=FFCVOptions)
+    dali: DALIOptions = field(default_factory=DALIOptions)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend = {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size = {self.batch_size}: expected a positive integer")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers = {self.num_workers}: expected >= 0")
+        if self.prefetch < 1:
+            raise ValueError(f"data.prefetch = {self.prefetch}: expected >= 1")
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_image = {self.on_bad_image!r}: expected skip or error")
+        if self.synthetic_steps < 1:
+            raise ValueError(f"data.synthetic_steps = {self.synthetic_steps}: expected >= 1")
+        if self.ffcv.order not in ("random", "quasi_random"):
+            raise ValueError(f"data.ffcv.order = {self.ffcv.order!r}: expected random or quasi_random")
+        if self.dali.decode not in ("once", "roi"):
+            raise ValueError(f"data.dali.decode = {self.dali.decode!r}: expected once or roi")
+        if self.dali.device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"data.dali.device = {self.dali.device!r}: expected auto, gpu or cpu")
+        if self.backend != "synthetic" and not self.path:
+            raise ValueError(f"data.path is empty: the {self.backend} backend needs a data path")
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The batch each rank loads; the global batch must split evenly across ranks."""
+    if global_batch % world_size:
+        raise ValueError(
+            f"data.batch_size = {global_batch} is not divisible by the number of ranks ({world_size})"
+        )
+    return global_batch // world_size
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
+
+
+def check_start_step(start_step: int, steps: int) -> None:
+    """A resumed epoch starts at a step of the epoch, or at its end (nothing left to load)."""
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= {steps}")
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    """Which of `num_images` images rank `rank` loads at each step (pipelines.sharding's rule).
+
+    rank_blocks (ffcv quasi_random): rank r reads only its own contiguous block of
+    num_images // world_size images, so an epoch has that block's batches; the backend orders
+    the block itself. Construction fails with one line when no step fits.
+    """
+
+    num_images: int
+    global_batch: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    drop_last: bool = True
+    rank_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, self.world_size)
+        per_rank_batch(self.global_batch, self.world_size)
+        if self.steps == 0:
+            raise ValueError(
+                f"data.batch_size = {self.global_batch} leaves no step for {self.num_images} images on "
+                f"{self.world_size} rank(s) with data.drop_last true: lower the batch size or set "
+                "data.drop_last false"
+            )
+
+    @classmethod
+    def of(cls, data: DataConfig, num_images: int, rank: int, world_size: int, seed: int,
+           rank_blocks: bool = False) -> LoaderPlan:
+        return cls(num_images, data.batch_size, rank, world_size, seed, data.drop_last, rank_blocks)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per step on this rank."""
+        return self.global_batch // self.world_size
+
+    @property
+    def steps(self) -> int:
+        """Steps per epoch, the same on every rank."""
+        if self.rank_blocks:
+            return steps_per_epoch(self.num_images // self.world_size, self.batch_size, self.drop_last)
+        return steps_per_epoch(self.num_images, self.global_batch, self.drop_last)
+
+    def block(self) -> np.ndarray:
+        """rank_blocks: the contiguous block of image indices this rank owns."""
+        size = self.num_images // self.world_size
+        return np.arange(self.rank * size, (self.rank + 1) * size, dtype=np.uint64)
+
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[np.ndarray]:
+        """This rank's image indices for steps start_step.. of `epoch` (global shuffle order)."""
+        check_start_step(start_step, self.steps)
+        return rank_batches(self.num_images, self.global_batch, self.rank, self.world_size,
+                            self.seed, epoch, self.drop_last)[start_step:]
