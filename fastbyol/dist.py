@@ -4,10 +4,9 @@ One process per GPU. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR 
 srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST, from which the
 rendezvous address is the first host of the node list. NCCL on GPUs, gloo on CPUs.
 
-BatchNorm over the global batch (the paper's statistics): torch's SyncBatchNorm on GPUs. Its
-kernels (batch_norm_stats, batch_norm_gather_stats_with_counts, ...) have no CPU implementation
-in torch (2.13), so on CPUs `CPUSyncBatchNorm` computes the same statistics with one all-reduce; it is
-what makes a 2-process gloo run equal to a 1-process run on the concatenated batch.
+Every collective of fastbyol goes through this module (metrics, the stop flag, the kNN feature
+gather, the profiler's per-rank figures, the all-reduce of models/sync_batchnorm.py); each is
+the identity in a single process.
 """
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+import math
 from typing import MutableMapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.nn.functional as F
 
 DEFAULT_PORT = 29500
 
@@ -175,8 +175,63 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _where(device: torch.device) -> torch.device:
+    """Where a collective's tensor lives: on the GPU for NCCL, on the CPU for gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, into a new tensor (a copy in a single process)."""
+    t = t.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a signal reached one rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_where(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """All ranks' rows of an (n, D) table in global order, where rank r holds rows r, r+world, ...
+
+    `local` is this rank's (ceil((n - r) / world), D) share on the collective's device.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return local
+    per = math.ceil(n / world)
+    local = F.pad(local, (0, 0, 0, per - local.shape[0]))
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    # (per, world, D): element [i, r] is global row i*world + r; the padding lands at rows >= n
+    return torch.stack(parts, dim=1).reshape(per * world, -1)[:n]
+
+
+def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """`values` of every rank, in rank order; [values] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [values]
+    mine = torch.tensor(values, dtype=torch.float64, device=_where(device))
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank `src`'s Python object on every rank (identity in a single process)."""
+    """Rank `src`'s Python object on every rank (identity in a single process): one rank decides."""
     if dist.is_available() and dist.is_initialized():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
@@ -198,103 +253,5 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------- BatchNorm over the global batch
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the incoming gradient.
-
-    Every rank's loss depends on every rank's input through the shared statistics, so the
-    gradient reaching this rank's input is d(sum over ranks of L_r)/dx, as in torch's SyncBatchNorm;
-    DDP's division by the world size then gives the gradient of the global-batch mean loss.
-    """
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over all ranks' batches, for CPU tensors (gloo).
-
-    Same state_dict as nn.BatchNorm{1,2,3}d (checkpoints load either way). In training mode with
-    world > 1: mean and biased var over every rank's (N, *spatial) positions, from one all-reduce
-    of (sum x, sum x^2, count) accumulated in float64 (so E[x^2] - mean^2 does not cancel, and one
-    collective per layer instead of two); running_var takes the unbiased n / (n - 1) variance, as
-    nn.BatchNorm does. The normalization runs in the input's dtype (float32 for half inputs).
-    Otherwise (eval mode, one process) it is plain BatchNorm.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"CPUSyncBatchNorm: expected an input of at least 2 dims (N, C, ...), got {input.dim()}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _world() > 1):
-            return super().forward(x)
-        self._check_input_dim(x)
-        channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        x64 = x.double()
-        count = torch.full((1,), x.numel() // channels, dtype=torch.float64, device=x.device)
-        sums = _SumOverRanks.apply(torch.cat([x64.sum(dims), x64.square().sum(dims), count]))
-        n = sums[2 * channels]
-        mean = sums[:channels] / n
-        var = (sums[channels:2 * channels] / n - mean.square()).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (n / (n - 1).clamp_min(1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        y = (x.to(compute) - mean.to(compute).view(shape)) * torch.rsqrt(var + self.eps).to(compute).view(shape)
-        if self.affine:
-            y = y * self.weight.to(compute).view(shape) + self.bias.to(compute).view(shape)
-        return y.to(x.dtype)
-
-
-def _to_cpu_sync(module: nn.Module) -> nn.Module:
-    out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        if module.track_running_stats:
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _to_cpu_sync(child))
-    return out
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of `module` -> one whose statistics span all ranks' batches.
-
-    CUDA: torch's nn.SyncBatchNorm (NCCL). Elsewhere: CPUSyncBatchNorm (all-reduce over gloo).
-    Parameters and buffers are kept (the same tensors); state_dict keys do not change.
-    """
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_cpu_sync(module)
-
-
-__all__ = ["CPUSyncBatchNorm", "DistInfo", "all_gather_object", "all_reduce_mean", "barrier", "broadcast_object",
-           "convert_sync_batchnorm", "first_host", "init", "launcher_env", "resolve_device", "shutdown"]
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "any_rank", "barrier",
+           "broadcast_object", "first_host", "gather_floats", "gather_rows", "init", "launcher_env", "rank_and_world", "resolve_device", "shutdown"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -37,6 +36,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fastbyol import dist
 from fastbyol.byol import split_decay_params
 from fastbyol.config import load_run_config
 from fastbyol.optim import lr_at
@@ -160,27 +160,6 @@ def _device_of(module: nn.Module) -> torch.device:
 # ---------------------------------------------------------------- features and kNN
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size) of the initialized process group, (0, 1) without one."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """All ranks' rows in global order: rank r holds rows r, r+world, ... of the n rows."""
-    import torch.distributed as tdist
-
-    per = math.ceil(n / world)
-    local = F.pad(local, (0, 0, 0, per - local.shape[0]))
-    parts = [torch.empty_like(local) for _ in range(world)]
-    tdist.all_gather(parts, local)
-    # (per, world, D): element [i, r] is global row i*world + r; the padding lands at rows >= n
-    return torch.stack(parts, dim=1).reshape(per * world, -1)[:n]
-
-
 @torch.no_grad()
 def extract_features(encoder: nn.Module, paths: Sequence[str], labels: Sequence[int], *, image_size: int,
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -196,7 +175,7 @@ def extract_features(encoder: nn.Module, paths: Sequence[str], labels: Sequence[
     the rank's own rows and labels.
     """
     device = _device_of(encoder)
-    rank, world = _dist()
+    rank, world = dist.rank_and_world()
     index = list(range(rank, len(paths), world))
     dataset = LabeledImages(paths, labels, image_size, resize_ratio=resize_ratio)
     batches = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
@@ -215,7 +194,7 @@ def extract_features(encoder: nn.Module, paths: Sequence[str], labels: Sequence[
     feats = torch.cat(chunks) if chunks else torch.empty(0, dim, device=device)
     all_labels = torch.as_tensor(list(labels), dtype=torch.int64, device=device)
     if world > 1 and gather:
-        return _gather_rows(feats, len(paths), world), all_labels
+        return dist.gather_rows(feats, len(paths)), all_labels
     return feats, all_labels[index]
 
 
@@ -300,11 +279,7 @@ class KNNMonitor:
         if val_f.shape[0]:
             c1, c5 = knn_counts(train_f, train_y, val_f, val_y, self.k, self.temperature, len(self.classes))
             counts[0], counts[1] = c1, c5
-        if _dist()[1] > 1:
-            import torch.distributed as tdist
-
-            tdist.all_reduce(counts)
-        c1, c5, m = counts.tolist()
+        c1, c5, m = dist.all_reduce_sum(counts).tolist()
         return {"knn_top1": 100.0 * c1 / m, "knn_top5": 100.0 * c5 / m}
 
 

@@ -166,19 +166,6 @@ def _endless(loader: pipelines.TwoViewLoader) -> Iterator[pipelines.Batch]:
 # ---------------------------------------------------------------- one measurement
 
 
-def _gather(values: list[float], device: torch.device) -> list[list[float]]:
-    """values of every rank (rank order); [values] in a single process."""
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return [values]
-    where = device if tdist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(values, dtype=torch.float64, device=where)
-    every = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(every, mine)
-    return [t.tolist() for t in every]
-
-
 def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, warmup: int,
             loader_delay: float = 0.0, trace_path: Path | None = None) -> dict:
     """The three figures of `cfg` on this rank, gathered over ranks: a dict with RUN_KEYS
@@ -232,7 +219,7 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
         if trace_path is not None:
             traced = _trace(fed, device, trace_path)
 
-    rows = _gather([loader_rate, model_rate, e2e_rate, peak, share], device)
+    rows = dist.gather_floats([loader_rate, model_rate, e2e_rate, peak, share], device)
     loader_r, model_r, e2e_r, peak_r, share_r = (list(col) for col in zip(*rows))
     figures = {name: {"images_per_sec": sum(r), "per_rank": r} for name, r in zip(FIGURES, (loader_r, model_r, e2e_r))}
     total = {name: f["images_per_sec"] for name, f in figures.items()}

@@ -32,6 +32,7 @@ from fastbyol.evaluate import KNNMonitor
 from fastbyol.export import online_encoder_state
 from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
 from fastbyol.models.resnet import resnet
+from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
 from fastbyol.optim import LARS, lr_at, tau_at
 
 class Interrupted(Exception):
@@ -61,7 +62,7 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     torch.manual_seed(cfg.train.seed)
     byol = build_model(cfg)
     if info.enabled and cfg.dist.sync_bn:
-        byol = dist.convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
+        byol = convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)
@@ -241,7 +242,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                         save()
                     if step_hook is not None:
                         step_hook(step)
-                    if _should_stop(stop, info, step % cfg.logging.log_every == 0):
+                    if _should_stop(stop, info, step % cfg.logging.log_every == 0, device):
                         save()
                         monitor.message(f"stopped by signal {stop.raised} at step {step}; checkpoint written, "
                                         f"run the same command again to resume")
@@ -263,22 +264,17 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     return summary
 
 
-def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool) -> bool:
-    """Whether to stop now. Distributed: agreed by an all-reduce at log steps only, so all ranks
-    stop at the same step and the other steps stay free of a host sync."""
+def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool, device: torch.device) -> bool:
+    """Whether to stop now. Distributed: agreed at log steps only, so all ranks stop at the same
+    step and the other steps stay free of a host sync."""
     if not info.enabled:
         return stop.raised is not None
     if not at_log_step:
         return False
-    import torch.distributed as tdist
-
-    flag = torch.tensor([1.0 if stop.raised is not None else 0.0],
-                        device="cuda" if tdist.get_backend() == "nccl" else "cpu")
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-    any_rank = bool(flag.item())
-    if any_rank and stop.raised is None:
+    agreed = dist.any_rank(stop.raised is not None, device)
+    if agreed and stop.raised is None:
         stop.raised = signal.SIGTERM
-    return any_rank
+    return agreed
 
 
 __all__ = ["Components", "Interrupted", "build_components", "build_model", "train", "train_step"]

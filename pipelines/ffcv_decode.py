@@ -5,7 +5,7 @@ FFCV 1.0.2 cannot read one field twice, so one operation makes both views: it de
 boxes into an output of shape (2, S, S, 3) uint8 per sample. Flips and colour happen later, on
 the device (pipelines.gpu_augment).
 
-Crop boxes follow torchvision's RandomResizedCrop (as pipelines.crops.sample_crop), but their
+Crop boxes follow pipelines.crops.sample_crop (the official sampler, or torchvision's), but their
 random numbers come from a counter-based generator (splitmix64) keyed by (epoch key, sample
 index, view): a box does not depend on the thread, the batch or the worker count. The epoch key
 lives in a one-element array that the compiled code reads through its address, so it can change
@@ -71,6 +71,19 @@ def fill_uniforms(key, index, view, out):
 
 
 @numba.njit
+def official_crop_from_uniforms(u, height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
+    """The official sampler's box (top, left, h, w) from u[0:4]: one draw of area and log aspect
+    ratio, w and h clamped into the image, then the position (as pipelines.crops.sample_crop)."""
+    target_area = height * width * (scale_lo + (scale_hi - scale_lo) * u[0])
+    aspect = np.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * u[1])
+    w = min(width, max(1, int(round(np.sqrt(target_area * aspect)))))
+    h = min(height, max(1, int(round(np.sqrt(target_area / aspect)))))
+    top = int(np.floor(u[2] * (height - h + 1)))
+    left = int(np.floor(u[3] * (width - w + 1)))
+    return top, left, h, w
+
+
+@numba.njit
 def crop_from_uniforms(u, height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
     """torchvision's RandomResizedCrop box (top, left, h, w) from DRAWS uniforms in [0, 1).
 
@@ -110,8 +123,11 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
     """
 
     def __init__(self, size: int, scales: tuple[tuple[float, float], tuple[float, float]],
-                 ratios: tuple[tuple[float, float], tuple[float, float]]) -> None:
+                 ratios: tuple[tuple[float, float], tuple[float, float]], crop_sampler: str = "official") -> None:
         super().__init__()
+        if crop_sampler not in ("official", "torchvision"):
+            raise ValueError(f"crop_sampler = {crop_sampler!r}: expected official or torchvision")
+        self.crop_sampler = crop_sampler
         self.size = int(size)
         self.scales = np.array(scales, dtype=np.float64).reshape(2, 2)
         self.log_ratios = np.log(np.array(ratios, dtype=np.float64).reshape(2, 2))
@@ -145,6 +161,7 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
         _KEEP_ALIVE.append((imdecode_c, resize_crop_c))
         key_address = self._key.ctypes.data
         scales, log_ratios = self.scales.copy(), self.log_ratios.copy()
+        crop_box = official_crop_from_uniforms if self.crop_sampler == "official" else crop_from_uniforms
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
@@ -165,7 +182,7 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
                 u = np.empty(DRAWS, dtype=np.float64)
                 for view in range(2):
                     fill_uniforms(key, source_ix, view, u)
-                    top, left, h, w = crop_from_uniforms(
+                    top, left, h, w = crop_box(
                         u, int(height), int(width), scales[view, 0], scales[view, 1],
                         log_ratios[view, 0], log_ratios[view, 1])
                     resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix, view])

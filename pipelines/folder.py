@@ -97,6 +97,7 @@ class TwoCropFolder(Dataset):
         policies: tuple[ViewPolicy, ViewPolicy],
         seed: int = 0,
         on_bad_image: str = "skip",
+        crop_sampler: str = "official",
     ) -> None:
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image = {on_bad_image!r}: expected skip or error")
@@ -106,6 +107,7 @@ class TwoCropFolder(Dataset):
         self.policies = policies
         self.seed = seed
         self.on_bad_image = on_bad_image
+        self.crop_sampler = crop_sampler  # pipelines.crops.sample_crop's sampler
         self._bad: set[str] = set()  # per process: warn once per path, never decode it again
 
     def __len__(self) -> int:
@@ -119,7 +121,7 @@ class TwoCropFolder(Dataset):
         for k, policy in enumerate(self.policies, start=1):
             rng = numpy_rng(self.seed, epoch, index, k)
             top, left, h, w = sample_crop(
-                rng, image.height, image.width, policy.crop_scale, policy.crop_ratio
+                rng, image.height, image.width, policy.crop_scale, policy.crop_ratio, self.crop_sampler
             )
             size = (policy.crop_size, policy.crop_size)
             # crop, then resize (torchvision's resized_crop): resize(box=...) would also read
@@ -158,7 +160,7 @@ class FolderLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         paths, labels, classes = find_images(data.path)
         self.dataset = TwoCropFolder(paths, labels, classes, (augment.view1, augment.view2), seed,
-                                     data.on_bad_image)
+                                     data.on_bad_image, augment.crop_sampler)
         self.plan = LoaderPlan.of(data, len(paths), rank, world_size, seed)
         self.batch_size = self.plan.batch_size
         self.augment, self.device = augment, torch.device(device)

@@ -85,6 +85,7 @@ class AugmentConfig:
     view2: ViewPolicy = field(default_factory=view2_policy)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalization of the views
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_sampler: str = "official"  # official (one draw, clamped into the image) / torchvision (10 tries, centre fallback); folder and ffcv; dali always uses DALI's own (torchvision-like)
 
     def validate(self) -> None:
         self.view1.validate("augment.view1")
@@ -94,6 +95,8 @@ class AugmentConfig:
                 f"augment.view1.crop_size = {self.view1.crop_size} and augment.view2.crop_size = "
                 f"{self.view2.crop_size}: both views must have the same size (one batch per view)"
             )
+        if self.crop_sampler not in ("official", "torchvision"):
+            raise ValueError(f"augment.crop_sampler = {self.crop_sampler!r}: expected official or torchvision")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"augment.std = {self.std}: expected positive values")
 

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
 
 from fastbyol import checkpoint, dist  # noqa: E402
 from fastbyol.config import load_config  # noqa: E402
+from fastbyol.models.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 from fastbyol.train import Interrupted, build_components, build_model, train, train_step  # noqa: E402
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -89,6 +90,14 @@ def _worker(argv: list[str]) -> int:
     start = time.perf_counter()
     if scenario == "main":
         dist.init("cpu")
+        cpu = torch.device("cpu")
+        rows = torch.arange(10.0).reshape(5, 2)[info.rank::info.world_size]  # rank r holds rows r, r+2, ...
+        result["collectives"] = {
+            "gather_rows": dist.gather_rows(rows, 5).tolist(),
+            "gather_floats": dist.gather_floats([float(info.rank), 0.5], cpu),
+            "any_rank": [dist.any_rank(info.rank == 1, cpu), dist.any_rank(False, cpu)],
+            "sum": dist.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
+        }
         for sync_bn in (True, False):
             torch.save(run_components(info, sync_bn), workdir / f"components_sync{int(sync_bn)}_rank{info.rank}.pt")
             result[f"components_sync{int(sync_bn)}_s"] = time.perf_counter() - start
@@ -347,7 +356,7 @@ def test_sync_batchnorm_conversion_keeps_the_state_and_is_plain_bn_alone():
     baseline = copy.deepcopy(net)
     x = torch.randn(6, 3, 8, 8)
     expected = baseline(x)
-    converted = dist.convert_sync_batchnorm(net, torch.device("cpu"))
+    converted = convert_sync_batchnorm(net, torch.device("cpu"))
     assert [type(m).__name__ for m in converted.modules()].count("CPUSyncBatchNorm") == 2
     assert_states_close(converted.state_dict(), initial, 0, 0)  # same keys, same values
     torch.testing.assert_close(converted(x), expected)  # no process group: plain BatchNorm
@@ -374,6 +383,15 @@ def test_an_error_mid_run_leaves_the_process_group(tmp_path, monkeypatch, no_lau
 
 
 # ---------------------------------------------------------------- two processes
+
+
+def test_collectives_agree_on_every_rank(two_ranks):
+    for r in results(two_ranks):
+        c = r["collectives"]
+        assert c["gather_rows"] == torch.arange(10.0).reshape(5, 2).tolist()  # the global table, in order
+        assert c["gather_floats"] == [[0.0, 0.5], [1.0, 0.5]]
+        assert c["any_rank"] == [True, False]  # a flag on rank 1 only stops both
+        assert c["sum"] == 3.0
 
 
 def test_every_rank_holds_identical_online_and_target_parameters(two_ranks, no_launcher):

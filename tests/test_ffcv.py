@@ -88,8 +88,8 @@ class _FakeRng:
         return lo + int(math.floor(self.u[4 * t + 1 + self.ints] * (hi - lo)))
 
 
-def test_decoder_crop_is_sample_crop():
-    """The numba crop sampler is the reference algorithm (pipelines.crops.sample_crop)."""
+def test_decoder_torchvision_crop_is_sample_crop():
+    """The numba torchvision sampler is the reference algorithm (pipelines.crops.sample_crop)."""
     pytest.importorskip("ffcv")
     from pipelines.ffcv_decode import DRAWS, crop_from_uniforms
 
@@ -103,10 +103,23 @@ def test_decoder_crop_is_sample_crop():
         ratio = (3 / 4, 4 / 3)
         u = rng.random(DRAWS)
         mine = crop_from_uniforms(u, h, w, scale[0], scale[1], math.log(ratio[0]), math.log(ratio[1]))
-        ref = sample_crop(_FakeRng(u), h, w, scale, ratio)
+        ref = sample_crop(_FakeRng(u), h, w, scale, ratio, "torchvision")
         assert tuple(int(v) for v in mine) == ref, (h, w, scale)
         fallbacks += ref[2:] == (h, min(w, round(h * 4 / 3)))
     assert fallbacks > 0
+
+
+def test_decoder_official_crop_is_sample_crop():
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_decode import official_crop_from_uniforms
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        h, w = (int(x) for x in rng.integers(1, 300, 2))
+        u = rng.random(4)
+        mine = official_crop_from_uniforms(u, h, w, 0.08, 1.0, math.log(3 / 4), math.log(4 / 3))
+        ref = sample_crop(_FakeRng(u), h, w, (0.08, 1.0), (3 / 4, 4 / 3), "official")
+        assert tuple(int(v) for v in mine) == ref, (h, w)
 
 
 def test_uniforms_are_keyed_and_uniform():
@@ -130,7 +143,7 @@ def test_uniforms_are_keyed_and_uniform():
 def test_raw_crops_are_the_keyed_boxes(loader):
     """Each view's crop is the box drawn for (epoch key, sample index, view), resized: its
     mean R (row) and G (column) are the box's center; B is the sample's own index."""
-    from pipelines.ffcv_decode import DRAWS, crop_from_uniforms, fill_uniforms
+    from pipelines.ffcv_decode import DRAWS, fill_uniforms, official_crop_from_uniforms
     from pipelines.seeding import derive_seed
 
     key = np.uint64(derive_seed(loader.plan.seed, 0))
@@ -145,8 +158,8 @@ def test_raw_crops_are_the_keyed_boxes(loader):
             for view in range(2):
                 u = np.empty(DRAWS)
                 fill_uniforms(key, int(index), view, u)
-                top, left, h, w = crop_from_uniforms(u, h_img, w_img, *scales[view],
-                                                     math.log(ratio[0]), math.log(ratio[1]))
+                top, left, h, w = official_crop_from_uniforms(u, h_img, w_img, *scales[view],
+                                                              math.log(ratio[0]), math.log(ratio[1]))
                 assert abs(crop[view, ..., 0].mean() - (top + (h - 1) / 2)) < 1.5
                 assert abs(crop[view, ..., 1].mean() - (left + (w - 1) / 2)) < 1.5
                 checked += 1

@@ -102,10 +102,10 @@ def test_decode_rgb_converts_every_mode(tiny_image_folder):
 # ---------------------------------------------------------------- crops
 
 
-def test_sample_crop_area_and_ratio_within_bounds():
+def test_torchvision_sample_crop_area_and_ratio_within_bounds():
     height, width, scale, ratio = 800, 1000, (0.08, 1.0), (3 / 4, 4 / 3)
     rng = np.random.default_rng(0)
-    boxes = np.array([sample_crop(rng, height, width, scale, ratio) for _ in range(3000)])
+    boxes = np.array([sample_crop(rng, height, width, scale, ratio, "torchvision") for _ in range(3000)])
     top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= height).all() and (left + w <= width).all()
@@ -129,13 +129,66 @@ def test_sample_crop_area_and_ratio_within_bounds():
 def test_sample_crop_fallback_on_extreme_aspect(height, width, expected):
     for seed in range(5):
         assert sample_crop(np.random.default_rng(seed), height, width, (0.08, 1.0),
-                           (3 / 4, 4 / 3)) == expected
+                           (3 / 4, 4 / 3), "torchvision") == expected
 
 
 def test_sample_crop_fallback_keeps_whole_image_when_ratio_fits():
     # scale > 1 can never be satisfied, so every try fails; the image's ratio (1.25) is allowed
-    box = sample_crop(np.random.default_rng(0), 40, 50, (1.5, 2.0), (3 / 4, 4 / 3))
+    box = sample_crop(np.random.default_rng(0), 40, 50, (1.5, 2.0), (3 / 4, 4 / 3), "torchvision")
     assert box == (0, 0, 40, 50)
+
+
+def official_box(height, width, area_u, log_ratio_u, top_u, left_u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """deepmind-research byol/utils/dataset.py _decode_and_random_crop, transcribed: one draw,
+    w = min(round(sqrt(A * r)), width), h = min(round(sqrt(A / r)), height), uniform offsets."""
+    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * area_u)
+    r = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * log_ratio_u)
+    w = min(int(np.round(np.sqrt(target_area * r))), width)
+    h = min(int(np.round(np.sqrt(target_area / r))), height)
+    return int(top_u * (height - h + 1)), int(left_u * (width - w + 1)), h, w
+
+
+class _OneDrawRng:
+    """Feeds sample_crop the uniforms (area, ratio) and the integer draws (top, left) given."""
+
+    def __init__(self, u):
+        self.u, self.i = list(u), 0
+
+    def uniform(self, lo, hi):
+        self.i += 1
+        return lo + (hi - lo) * self.u[self.i - 1]
+
+    def integers(self, lo, hi):
+        self.i += 1
+        return lo + int(self.u[self.i - 1] * (hi - lo))
+
+
+def test_official_sample_crop_is_the_official_definition():
+    rng = np.random.default_rng(0)
+    clamped = 0
+    for _ in range(2000):
+        height, width = (int(x) for x in rng.integers(20, 400, 2))
+        u = rng.random(4)
+        box = sample_crop(_OneDrawRng(u), height, width, (0.08, 1.0), (3 / 4, 4 / 3), "official")
+        assert box == official_box(height, width, *u)
+        clamped += box[3] == width or box[2] == height
+    assert clamped > 50  # the clamp, not a retry, handles boxes that do not fit
+
+
+def test_official_sample_crop_distribution_and_clamp():
+    rng = np.random.default_rng(1)
+    # a square image where every box of area <= 0.5 fits: area ~ U[0.08, 0.5], log ratio uniform
+    boxes = np.array([sample_crop(rng, 1000, 1000, (0.08, 0.5), (3 / 4, 4 / 3)) for _ in range(4000)])
+    top, left, h, w = boxes.T
+    area, log_ratio = h * w / 1e6, np.log(w / h)
+    assert abs(area.mean() - 0.29) < 0.01 and abs(area.var() - 0.42**2 / 12) < 0.001
+    assert abs(log_ratio.mean()) < 0.01 and abs(log_ratio.var() - np.log(16 / 9) ** 2 / 12) < 0.002
+    assert (top + h <= 1000).all() and (left + w <= 1000).all()
+    # whole-image area at ratio 4/3 on a 3:4 portrait: one draw, clamped to the full width
+    boxes = {sample_crop(rng, 400, 300, (1.0, 1.0), (4 / 3, 4 / 3)) for _ in range(200)}
+    h_expected = round(np.sqrt(400 * 300 / (4 / 3)))  # 300 rows: fits the height
+    assert {(h, w) for _, _, h, w in boxes} == {(h_expected, 300)}
+    assert len({top for top, *_ in boxes}) > 50  # placed at random, not centred
 
 
 def test_dataset_views_are_bicubic_crops_drawn_from_derived_rng(tiny_image_folder):
