@@ -15,7 +15,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
-    from fastbyol.dist import launcher_env
+    from fastbyol.dist import RankLost, launcher_env
     from fastbyol.train import Interrupted, train
 
     overrides = list(args.overrides)
@@ -26,6 +26,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, force=args.force)
     except Interrupted:
         return 130
+    except RankLost as e:
+        print_error(e)
+        return 1
     if not launcher_env().is_main:
         return 0
     if summary["already_complete"]:
@@ -200,7 +203,8 @@ def print_error(e: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad input (the error named in one line), 130 interrupted."""
+    """Exit codes: 0 done, 1 a rank was lost (named in one line), 2 bad input (named in one line),
+    130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -140,10 +140,13 @@ class DistConfig:
     sync_bn: bool = True  # BatchNorm statistics over the global batch: torch SyncBatchNorm on GPUs, CPUSyncBatchNorm (gloo) on CPUs
     bucket_cap_mb: int = 25  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
+    timeout_s: float = 1800.0  # seconds a collective waits for every rank; then each rank exits naming the lost ones
 
     def validate(self) -> None:
         if self.bucket_cap_mb < 1:
             raise ConfigError(f"dist.bucket_cap_mb = {self.bucket_cap_mb}: expected >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"dist.timeout_s = {self.timeout_s}: expected a positive number of seconds")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from fastbyol.export import online_encoder_state
 # Keys that may differ between a run directory's config and the config resuming it: they change
 # how a run is watched, fed, stored or how long it goes on, never what one step computes.
 RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.device", "train.run_dir", "train.epochs", "train.max_steps")
+                     "train.keep_checkpoints", "train.device", "train.run_dir", "train.epochs", "train.max_steps",
+                     "dist.timeout_s")
 # What a run writes besides its checkpoints (moved aside together with them on a fresh start).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt")
 
@@ -45,9 +46,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every key of two config dicts that makes them different runs."""
+    """'key: old -> new' for every key of two config dicts that makes them different runs. A key
+    only one of them has (a version of fastbyol that added or dropped it) is not a change."""
     old, new = _flatten(old), _flatten(new)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    keys = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(RESUMABLE_CHANGES))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
@@ -102,7 +104,7 @@ def load_agreed_checkpoint(cfg: Config, run_dir: Path, info: dist.DistInfo,
                          "move it away, or pass --no-resume to start afresh (it is moved to replaced/)")
     error, name = dist.broadcast_object((error, name))
     if name is not None and not info.is_main:
-        path = run_dir / name
+        path = (run_dir / name).absolute()
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
             state["path"] = str(path)

@@ -141,9 +141,15 @@ def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | N
 
     `step_hook(step)` is called after every step (tests use it to interrupt a run).
     """
-    info, device = dist.init(cfg.train.device)
+    info, device = dist.init(cfg.train.device, cfg.dist.timeout_s)
     try:
         return _train(cfg, info, device, force, step_hook)
+    except RuntimeError as e:
+        if not dist.is_collective_failure(e):
+            raise
+        where = (f"the newest checkpoint in {cfg.train.run_dir} is whole: run the same command again to resume "
+                 f"from it")
+        raise dist.name_lost_ranks(e, min(10.0, cfg.dist.timeout_s), where) from e
     finally:
         dist.shutdown()
 
