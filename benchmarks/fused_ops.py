@@ -28,7 +28,7 @@ from rich.table import Table
 
 from fastbyol.byol import BYOL, param_groups
 from fastbyol.ema import TargetEMA
-from fastbyol.models.resnet import resnet50
+from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS
 
 
@@ -55,6 +55,37 @@ def per_param_ema(target: list[torch.Tensor], online: list[torch.Tensor], tau: f
             xi.lerp_(theta, 1.0 - tau)
 
 
+def measure(device: torch.device, repeats: int, warmup: int, depth: int = 50, width: int = 1,
+            hidden: int = 4096, proj: int = 256) -> dict:
+    """Median ms per call of the LARS step and the target EMA, per variant, on BYOL's ResNet-`depth`:
+    {"lars_ms": {variant: ms}, "ema_ms": {...}, "lars_tensors", "lars_params", "ema_tensors", "ema_params"}."""
+    torch.manual_seed(0)
+    encoder = resnet(depth, width)
+    byol = BYOL(encoder, encoder.num_features, hidden, proj).to(device)
+    byol_flat = copy.deepcopy(byol)  # flattening re-homes parameters: keep it off the other variants
+    groups = param_groups(byol, weight_decay=1.5e-6)
+    online = [p for g in groups for p in g["params"]]
+    for p in online:
+        p.grad = torch.randn_like(p) * 1e-3
+
+    lars = {
+        "per-param loop": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=False),
+        "foreach": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=True),
+    }
+    ema_foreach = TargetEMA(byol.online_network(), byol.target_network())
+    ema_flat = TargetEMA(byol_flat.online_network(), byol_flat.target_network(), flat=True)
+    ema = {
+        "per-param loop": lambda: per_param_ema(ema_foreach.target, ema_foreach.online, 0.996),
+        "foreach": lambda: ema_foreach.update(0.996),
+        "flat": lambda: ema_flat.update(0.996),
+    }
+    return {"lars_ms": time_interleaved({k: o.step for k, o in lars.items()}, repeats, warmup, device),
+            "ema_ms": time_interleaved(ema, repeats, warmup, device),
+            "lars_tensors": len(online), "lars_params": sum(p.numel() for p in online),
+            "ema_tensors": len(ema_foreach.online),
+            "ema_params": sum(p.numel() for p in byol.online_network().parameters())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -68,38 +99,15 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     device = torch.device(args.device)
-
-    torch.manual_seed(0)
-    byol = BYOL(resnet50(width=args.width), feature_dim=2048 * args.width).to(device)
-    byol_flat = copy.deepcopy(byol)  # flattening re-homes parameters: keep it off the other variants
-    groups = param_groups(byol, weight_decay=1.5e-6)
-    online = [p for g in groups for p in g["params"]]
-    for p in online:
-        p.grad = torch.randn_like(p) * 1e-3
-    n_lars = sum(p.numel() for p in online)
-    n_ema = sum(p.numel() for p in byol.online_network().parameters())
-
-    lars = {
-        "per-param loop": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=False),
-        "foreach": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=True),
-    }
-    ema_foreach = TargetEMA(byol.online_network(), byol.target_network())
-    ema_flat = TargetEMA(byol_flat.online_network(), byol_flat.target_network(), flat=True)
-    ema = {
-        "per-param loop": lambda: per_param_ema(ema_foreach.target, ema_foreach.online, 0.996),
-        "foreach": lambda: ema_foreach.update(0.996),
-        "flat": lambda: ema_flat.update(0.996),
-    }
-    lars_ms = time_interleaved({k: o.step for k, o in lars.items()}, args.repeats, args.warmup, device)
-    ema_ms = time_interleaved(ema, args.repeats, args.warmup, device)
+    m = measure(device, args.repeats, args.warmup, width=args.width)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = Table(title=f"fused ops, BYOL ResNet-50 x{args.width}, fp32, {name}, median of {args.repeats}")
     for col in ("op", "tensors", "params", "variant", "ms / step", "GB/s", "speed-up vs loop"):
         table.add_column(col, justify="left" if col in ("op", "variant") else "right")
     rows = [
-        ("LARS step", len(online), n_lars, 5, lars_ms),
-        ("target EMA", len(ema_foreach.online), n_ema, 3, ema_ms),
+        ("LARS step", m["lars_tensors"], m["lars_params"], 5, m["lars_ms"]),
+        ("target EMA", m["ema_tensors"], m["ema_params"], 3, m["ema_ms"]),
     ]
     for op, tensors, numel, passes, results in rows:
         base = results["per-param loop"]

@@ -55,7 +55,7 @@ from torch import nn
 from fastbyol.byol import MLP
 from fastbyol.config import load_config
 from fastbyol.dist import DistInfo
-from fastbyol.optim import lr_at, tau_at
+from fastbyol.optim import RunPlan
 from fastbyol.train import build_components, train_step
 from pipelines.synthetic import random_batch
 
@@ -202,22 +202,23 @@ def build_fastbyol(settings: Settings, precision: str, device: torch.device,
         "data.backend=synthetic", f"data.batch_size={settings.batch}", f"model.depth={settings.depth}",
         f"model.stem={settings.stem}", f"byol.hidden_dim={settings.hidden}", f"byol.proj_dim={settings.proj}",
         f"train.precision={precision}", f"train.seed={settings.seed}", *settings.fastbyol_overrides, *extra])
-    peak_lr = cfg.optim.peak_lr(settings.batch)
-    c = build_components(cfg, device, DistInfo(), peak_lr)
+    total = settings.warmup + settings.rounds * settings.steps
+    # one "epoch" of every timed step, no warm-up: the peers' schedules are built the same way
+    plan = RunPlan(total, total, 0, cfg.optim.peak_lr(settings.batch), cfg.byol.tau_base)
+    c = build_components(cfg, device, DistInfo(), plan.peak_lr)
     batch = random_batch(settings.batch, settings.size, device, seed=settings.seed)
     view1, view2 = batch.view1, batch.view2
     if not cfg.model.channels_last:
         view1, view2 = view1.contiguous(), view2.contiguous()
-    total = settings.warmup + settings.rounds * settings.steps
     shared = Shared(device, batch.view1, batch.view2, copy.deepcopy(c.byol.online_encoder),
                     copy.deepcopy(c.byol.online_projector), copy.deepcopy(c.byol.predictor),
                     c.byol.online_encoder.num_features, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-                    peak_lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.byol.tau_base, total)
+                    plan.peak_lr, cfg.optim.weight_decay, cfg.optim.momentum, plan.tau_base, total)
     counter = itertools.count()
 
     def step() -> torch.Tensor:
         k = next(counter)
-        return train_step(c, view1, view2, lr_at(k, total, 0, peak_lr), tau_at(k, total, cfg.byol.tau_base)).loss
+        return train_step(c, view1, view2, plan.lr(k), plan.tau(k)).loss
 
     notes = {"optimizer": "fastbyol LARS (foreach)", "ema": "TargetEMA (foreach lerp)", "precision": precision,
              "memory_format": "channels_last" if cfg.model.channels_last else "contiguous",

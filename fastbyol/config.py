@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A bad config value: the message names the key (and file) and what was expected."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 @dataclass
 class ModelConfig:
     depth: int = 50  # ResNet depth: 18, 34, 50, 101, 152 or 200
@@ -39,6 +42,7 @@ class ModelConfig:
     zero_init_residual: bool = True  # last BN gamma of each bottleneck block starts at 0 (official code); false: 1
     channels_last: bool = True  # NHWC memory format for the encoder and the views
     compile: bool = False  # torch.compile the online and target networks
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
     def validate(self) -> None:
         if self.depth not in (18, 34, 50, 101, 152, 200):
@@ -47,6 +51,8 @@ class ModelConfig:
             raise ConfigError(f"model.width = {self.width}: expected 1, 2 or 4")
         if self.stem not in ("imagenet", "cifar"):
             raise ConfigError(f"model.stem = {self.stem!r}: expected imagenet or cifar")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"model.compile_mode = {self.compile_mode!r}: expected {', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -140,6 +146,7 @@ class DistConfig:
     sync_bn: bool = True  # BatchNorm statistics over the global batch: torch SyncBatchNorm on GPUs, CPUSyncBatchNorm (gloo) on CPUs
     bucket_cap_mb: int = 25  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
+    gradient_as_bucket_view: bool = False  # DDP grads are views into the all-reduce buckets (no copy, less memory)
     timeout_s: float = 1800.0  # seconds a collective waits for every rank; then each rank exits naming the lost ones
 
     def validate(self) -> None:

@@ -12,6 +12,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -29,6 +30,42 @@ class Throughput:
 
     def reset(self) -> None:
         self.points.clear()
+
+
+class MetricWindow:
+    """The training metrics of the steps since the last log line.
+
+    Loss, cosine and collapse std are summed on the device (no host sync per step); `flush` takes
+    their mean over the window and over ranks (the one host sync of a log window) and starts the
+    next window.
+    """
+
+    def __init__(self, device: torch.device, images_per_step: int, first_step: int = 0) -> None:
+        self.sums = torch.zeros(3, device=device)  # loss, cosine, collapse std
+        self.steps = 0
+        self.images_per_step = images_per_step
+        self.speed = Throughput()
+        self.speed.update(first_step * images_per_step)
+
+    def add(self, loss: torch.Tensor, cosine: torch.Tensor, collapse_std: torch.Tensor) -> None:
+        self.sums += torch.stack([t.detach().to(self.sums.dtype) for t in (loss, cosine, collapse_std)])
+        self.steps += 1
+
+    def flush(self, step: int) -> dict[str, float]:
+        """{"loss", "cosine", "collapse_std"}: means over the window and all ranks; "images_per_sec"
+        over the last few windows (summed over ranks)."""
+        from fastbyol import dist
+
+        loss, cos, std = dist.all_reduce_mean(self.sums / self.steps).tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return {"loss": loss, "cosine": cos, "collapse_std": std,
+                "images_per_sec": self.speed.update(step * self.images_per_step)}
+
+    def pause(self, step: int) -> None:
+        """Leave out the time since the last flush (e.g. an evaluation) from images/sec."""
+        self.speed.reset()
+        self.speed.update(step * self.images_per_step)
 
 
 class RunMonitor:

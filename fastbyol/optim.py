@@ -1,4 +1,5 @@
-"""LARS as in the official BYOL code, as multi-tensor (foreach) kernels, and the lr / tau schedules.
+"""LARS as in the official BYOL code, as multi-tensor (foreach) kernels, the lr / tau schedules,
+and the run plan that fixes them for one run.
 
 The update (deepmind-research byol/utils/optimizers.py), per parameter w with gradient g:
 
@@ -15,11 +16,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
-__all__ = ["LARS", "lr_at", "tau_at"]
+if TYPE_CHECKING:
+    from fastbyol.config import Config
+
+__all__ = ["LARS", "RunPlan", "lr_at", "tau_at"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -174,3 +179,37 @@ def tau_at(step: int, total_steps: int, tau_base: float) -> float:
         raise ValueError(f"tau_at: step = {step}, expected >= 0")
     progress = min(step, total_steps) / total_steps
     return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The step counts and schedules of one run, derived once from the config and the loader.
+
+    Train, profile and the benchmarks read lr and tau from here, so every one of them runs the
+    same schedule; both are pure functions of the step (a resumed run needs no schedule state).
+    """
+
+    steps_per_epoch: int
+    total_steps: int  # train.max_steps, else train.epochs * steps_per_epoch
+    warmup_steps: int  # optim.warmup_epochs * steps_per_epoch, at most total_steps - 1
+    peak_lr: float  # the batch-scaled peak (optim.lr, else optim.base_lr * batch / 256)
+    tau_base: float
+
+    @classmethod
+    def of(cls, cfg: Config, steps_per_epoch: int) -> RunPlan:
+        """The plan of `cfg` for a loader of `steps_per_epoch` (>= 1) steps."""
+        total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        warmup = min(total - 1, round(cfg.optim.warmup_epochs * steps_per_epoch))
+        return cls(steps_per_epoch, total, warmup, cfg.optim.peak_lr(cfg.data.batch_size), cfg.byol.tau_base)
+
+    def lr(self, step: int) -> float:
+        """Learning rate of step `step` (0 past the end; see lr_at)."""
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def tau(self, step: int) -> float:
+        """Target EMA rate of step `step` (1 past the end; see tau_at)."""
+        return tau_at(step, self.total_steps, self.tau_base)
+
+    def epoch(self, step: int) -> int:
+        """The epoch that step `step` belongs to."""
+        return step // self.steps_per_epoch

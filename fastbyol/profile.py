@@ -47,7 +47,7 @@ import torch
 import pipelines
 from fastbyol import dist
 from fastbyol.config import Config, ConfigError, load_config, to_dict
-from fastbyol.optim import lr_at, tau_at
+from fastbyol.optim import RunPlan
 
 JSON_KEYS = ("machine", "config", "world_size", "device", "steps", "warmup", "loader_delay_s", "sweep_key", "runs")
 RUN_KEYS = ("sweep_value", "batch_per_rank", "crop_size", "config", "loader", "model", "end_to_end",
@@ -187,18 +187,15 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
         loader_rate = _rate(lambda: next(batches), batch, steps, warmup, device)
 
     # 2. model only, on views already on the device
-    total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, len(loader))
-    warmup_steps = min(total_steps - 1, round(cfg.optim.warmup_epochs * len(loader)))
-    peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)
-    c = build_components(cfg, device, info, peak_lr)
+    plan = RunPlan.of(cfg, len(loader))
+    c = build_components(cfg, device, info, plan.peak_lr)
     c.model.train()
     k = 0
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
-        nonlocal k  # the training schedules, so lr and tau take the values of a real run
-        lr, tau = lr_at(k, total_steps, warmup_steps, peak_lr), tau_at(k, total_steps, cfg.byol.tau_base)
-        train_step(c, view1, view2, lr, tau)
-        k = min(k + 1, total_steps - 1)
+        nonlocal k  # the run's schedules, so lr and tau take the values of a real run (clipped past its end)
+        train_step(c, view1, view2, plan.lr(k), plan.tau(k))
+        k += 1
 
     views = random_batch(batch, crop, device, seed=cfg.train.seed, rank=info.rank)
     if device.type == "cuda":
@@ -268,19 +265,24 @@ def _trace(step: Callable[[], None], device: torch.device, path: Path) -> Path:
 # ---------------------------------------------------------------- verdict and knobs
 
 
-def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[str]]:
-    """'loader-bound', 'model-bound' or 'balanced' from three rates (images/sec), with the evidence.
+VERDICTS = ("loader-bound", "model-bound", "contention", "balanced")
 
-    Rules, with L = loader-only, M = model-only, E = end-to-end:
-      loader-bound  if L < M (the loader alone cannot feed the model), or
-                    E/M < LOSES_MUCH and L < HEADROOM·M (the pipeline costs > 10 % and the loader
-                    has no headroom: it is the slower side);
-      model-bound   if L >= HEADROOM·M and E/M >= HIDES_WELL (the loader is hidden);
-      balanced      otherwise (e.g. a loader fast alone that still slows the step: both compete
-                    for the same CPU cores, PCIe or memory bandwidth).
+
+def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[str]]:
+    """The bottleneck named from three rates (images/sec), with the evidence: a pure function.
+
+    Rules, with L = loader-only, M = model-only, E = end-to-end (first match wins):
+      loader-bound  L < M (the loader alone cannot feed the model), or E/M < LOSES_MUCH and
+                    L < HEADROOM·M (the pipeline costs > 10 % and the loader has no headroom);
+      model-bound   L >= HEADROOM·M and E/M >= HIDES_WELL (the loader outruns the model and hides);
+      contention    L >= HEADROOM·M but E/M < HIDES_WELL: the loader is fast alone, so the loss is not
+                    its speed but what it shares with the step: its workers take CPU cores the step
+                    needs (all of them when the step runs on the CPU), or a per-batch host-to-device
+                    copy or host sync stalls the step;
+      balanced      otherwise: HEADROOM·M > L >= M and E/M >= LOSES_MUCH (the loader just keeps up).
     """
     lm, em = loader / model, end_to_end / model
-    facts = [f"loader-only / model-only = {lm:.2f} (headroom rule: >= {HEADROOM:.2f})",
+    facts = [f"loader-only / model-only = {lm:.2f} (headroom: >= {HEADROOM:.2f})",
              f"end-to-end / model-only = {em:.2f} (hidden: >= {HIDES_WELL:.2f}; costly: < {LOSES_MUCH:.2f})"]
     if lm < 1.0:
         return "loader-bound", facts + [f"the loader alone delivers {loader:.1f} images/sec, less than the "
@@ -291,16 +293,16 @@ def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[s
     if lm >= HEADROOM and em >= HIDES_WELL:
         return "model-bound", facts + ["the loader outruns the model and hides behind it: speed up the step"]
     if lm >= HEADROOM:
-        why = (f"the loader is fast alone but end-to-end loses {100 * (1 - em):.0f} %: loader and step compete "
-               "for the same resources (CPU cores, host-device copies, memory bandwidth)")
-    else:
-        why = "the loader only just keeps up with the model: both sides set the pace"
-    return "balanced", facts + [why]
+        return "contention", facts + [
+            f"the loader alone is {lm:.1f}x faster than the model, yet end-to-end loses {100 * (1 - em):.0f} %: "
+            "not a slow loader but a shared resource: its workers take CPU cores the step needs, or a "
+            "per-batch host-to-device copy or host sync stalls the step (see the trace: --trace)"]
+    return "balanced", facts + ["the loader only just keeps up with the model: both sides set the pace"]
 
 
 def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None = None,
           device: torch.device | None = None) -> list[dict]:
-    """Config keys that would help a `which` ('loader-bound' | 'model-bound' | 'balanced') run:
+    """Config keys that would help a `which` run (one of VERDICTS):
     dicts {key, current, suggestion, already}, `already` True when the config already uses it."""
     d, m = cfg.data, cfg.model
     cores = max(1, (os.cpu_count() or 1) // world_size)
@@ -335,7 +337,15 @@ def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None 
         {"key": "byol.concat_views", "current": cfg.byol.concat_views, "already": cfg.byol.concat_views,
          "suggestion": "one encoder call on both views (BN statistics then span both views)"},
     ]
-    return {"loader-bound": loader_side, "model-bound": model_side}.get(which, loader_side + model_side)
+    contention_side = [
+        {"key": "data.num_workers", "current": d.num_workers, "already": None,
+         "suggestion": f"fewer loader workers, leaving cores to the step ({cores} CPU cores per rank here)"},
+        loader_side[2],  # decode on the GPU: DALI's workers need few CPU cores
+        {"key": "data.prefetch", "current": d.prefetch, "already": d.prefetch >= 4,
+         "suggestion": "deeper prefetch, so copies overlap the step"},
+    ]
+    sides = {"loader-bound": loader_side, "model-bound": model_side, "contention": contention_side}
+    return sides.get(which, loader_side + model_side)
 
 
 # ---------------------------------------------------------------- the machine
@@ -518,5 +528,5 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DelayedLoader", "JSON_KEYS", "MACHINE_KEYS", "RUN_KEYS", "add_profile_arguments", "knobs",
+__all__ = ["VERDICTS", "DelayedLoader", "JSON_KEYS", "MACHINE_KEYS", "RUN_KEYS", "add_profile_arguments", "knobs",
            "machine_info", "measure", "parse_sweep", "print_report", "profile", "run_profile", "verdict"]

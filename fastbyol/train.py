@@ -26,14 +26,14 @@ from torch import nn
 import pipelines
 from fastbyol import checkpoint, dist, rundir
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
-from fastbyol.config import Config, ConfigError, to_dict
+from fastbyol.config import Config, to_dict
 from fastbyol.ema import TargetEMA
 from fastbyol.evaluate import KNNMonitor
 from fastbyol.export import online_encoder_state
-from fastbyol.metrics import RunMonitor, Throughput, plot_metrics
+from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics
 from fastbyol.models.resnet import resnet
 from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
-from fastbyol.optim import LARS, lr_at, tau_at
+from fastbyol.optim import LARS, RunPlan
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
@@ -71,11 +71,12 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol
     if cfg.model.compile:
-        model.compile()
+        model.compile(mode=cfg.model.compile_mode)
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
+            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
     precision = cfg.train.precision
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -154,6 +155,27 @@ def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | N
         dist.shutdown()
 
 
+class KNNHook:
+    """The kNN monitor at the end of every `eval.knn_every`-th epoch (never when it is 0)."""
+
+    def __init__(self, cfg: Config, plan: RunPlan) -> None:
+        self.every, self.plan = cfg.eval.knn_every, plan
+        self.monitor = KNNMonitor.from_config(cfg) if self.every else None
+
+    def due(self, step: int) -> bool:
+        """Whether `step` steps complete an epoch that is evaluated."""
+        spe = self.plan.steps_per_epoch
+        return self.monitor is not None and step % spe == 0 and (step // spe) % self.every == 0
+
+    def __call__(self, encoder: nn.Module, monitor: RunMonitor, step: int) -> dict[str, float]:
+        """{"knn_top1", "knn_top5"} of `encoder`; on every rank (each encodes its share of the images)."""
+        result = self.monitor(encoder)
+        if monitor.mode == "rich":  # plain lines show the record's knn_* keys already
+            monitor.message(f"epoch {self.plan.epoch(step)}: kNN top-1 {result['knn_top1']:.2f}%"
+                            f"  top-5 {result['knn_top5']:.2f}%")
+        return result
+
+
 def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
            step_hook: Callable[[int], None] | None) -> dict:
     cfg.validate(info.world_size)
@@ -164,19 +186,16 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
     loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
-    steps_per_epoch = len(loader)  # >= 1: the loader refuses a plan without a step
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    warmup_steps = min(total_steps - 1, round(cfg.optim.warmup_epochs * steps_per_epoch))
-    peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)
-    c = build_components(cfg, device, info, peak_lr)
+    plan = RunPlan.of(cfg, len(loader))
+    c = build_components(cfg, device, info, plan.peak_lr)
 
     step = 0
     state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
     if state is not None:
         step = state["step"]
-        if step >= total_steps:  # a finished run: report it; only finish what a kill cut short
+        if step >= plan.total_steps:  # a finished run: report it; only finish what a kill cut short
             notes = rundir.finish_complete(run_dir, state) if info.is_main else []
-            return {"steps": step, "total_steps": total_steps, "already_complete": True, "run_dir": str(run_dir),
+            return {"steps": step, "total_steps": plan.total_steps, "already_complete": True, "run_dir": str(run_dir),
                     "notes": notes}
         c.byol.load_state_dict(state["model"])
         c.optimizer.load_state_dict(state["optimizer"])
@@ -185,18 +204,14 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     messages = rundir.begin(cfg, run_dir, fresh, step) if info.is_main else []
     dist.barrier()
 
-    monitor = RunMonitor(run_dir, total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
+    monitor = RunMonitor(run_dir, plan.total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
     for text in messages:
         monitor.message(text)
     if state is not None:
         monitor.message(f"resumed from {state['path']} at step {step}")
-    knn = KNNMonitor.from_config(cfg) if cfg.eval.knn_every else None
+    knn = KNNHook(cfg, plan)
     images_per_step = loader.batch_size * info.world_size
-    speed = Throughput()
-    loss_sum = torch.zeros((), device=device)
-    cos_sum = torch.zeros((), device=device)
-    std_sum = torch.zeros((), device=device)
-    window = 0
+    window = MetricWindow(device, images_per_step, first_step=step)
     record: dict = {}
 
     def save() -> None:
@@ -204,7 +219,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
             checkpoint.save_checkpoint({
                 "model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
                 "scaler": c.scaler.state_dict() if c.scaler is not None else None,
-                "step": step, "epoch": step // steps_per_epoch, "config": to_dict(cfg),
+                "step": step, "epoch": plan.epoch(step), "config": to_dict(cfg),
                 "world_size": info.world_size, "rng": _rng_state(),
             }, run_dir, step, cfg.train.keep_checkpoints)
         dist.barrier()
@@ -212,39 +227,24 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     c.model.train()
     start_time = time.perf_counter()
     start_step = step
-    speed.update(step * images_per_step)
     try:
         with StopFlag() as stop:
-            while step < total_steps:
-                epoch = step // steps_per_epoch
-                for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
-                    lr = lr_at(step, total_steps, warmup_steps, peak_lr)
-                    tau = tau_at(step, total_steps, cfg.byol.tau_base)
+            while step < plan.total_steps:
+                epoch = plan.epoch(step)
+                for batch in loader.epoch(epoch, start_step=step % plan.steps_per_epoch):
+                    lr, tau = plan.lr(step), plan.tau(step)
                     out = train_step(c, batch.view1, batch.view2, lr, tau)
-                    loss_sum += out.loss.detach()
-                    cos_sum += out.cosine
-                    std_sum += out.collapse_std
-                    window += 1
+                    window.add(out.loss, out.cosine, out.collapse_std)
                     step += 1
-                    at_knn = (knn is not None and step % steps_per_epoch == 0
-                              and (step // steps_per_epoch) % cfg.eval.knn_every == 0)
-                    if step % cfg.logging.log_every == 0 or step == total_steps or at_knn:
-                        means = dist.all_reduce_mean(torch.stack([loss_sum, cos_sum, std_sum]) / window)
-                        loss, cos, std = means.tolist()  # the one host sync per log window
-                        record = {"step": step, "epoch": epoch, "loss": loss, "cosine": cos, "collapse_std": std,
-                                  "lr": lr, "tau": tau, "images_per_sec": speed.update(step * images_per_step),
+                    at_knn = knn.due(step)
+                    if step % cfg.logging.log_every == 0 or step == plan.total_steps or at_knn:
+                        record = {"step": step, "epoch": epoch, **window.flush(step), "lr": lr, "tau": tau,
                                   "time": time.time()}
-                        if at_knn:  # on every rank: each encodes its share of the eval images
-                            record.update(knn(c.byol.online_encoder))
-                            speed.reset()  # the evaluation's pause is not training throughput
-                            speed.update(step * images_per_step)
-                            if monitor.mode == "rich":  # plain lines show the record's knn_* keys already
-                                monitor.message(f"epoch {step // steps_per_epoch}: kNN top-1 {record['knn_top1']:.2f}%"
-                                                f"  top-5 {record['knn_top5']:.2f}%")
+                        if at_knn:
+                            record.update(knn(c.byol.online_encoder, monitor, step))
+                            window.pause(step)  # the evaluation's pause is not training throughput
                         monitor.log(record)
-                        loss_sum.zero_(), cos_sum.zero_(), std_sum.zero_()
-                        window = 0
-                    if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                    if step % cfg.train.checkpoint_every == 0 and step < plan.total_steps:
                         save()
                     if step_hook is not None:
                         step_hook(step)
@@ -253,7 +253,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                         monitor.message(f"stopped by signal {stop.raised} at step {step}; checkpoint written, "
                                         f"run the same command again to resume")
                         raise Interrupted(f"interrupted at step {step}")
-                    if step >= total_steps:
+                    if step >= plan.total_steps:
                         break
         save()
     finally:
@@ -262,7 +262,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     elapsed = time.perf_counter() - start_time
     summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
-               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": total_steps, "already_complete": False}
+               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False}
     if info.is_main:
         checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():

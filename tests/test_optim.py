@@ -226,3 +226,19 @@ def test_tau_schedule() -> None:
 def test_schedule_arguments_validated(call, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         call()
+
+
+def test_run_plan_derives_steps_and_schedules_once():
+    from fastbyol.config import load_config
+    from fastbyol.optim import RunPlan
+
+    cfg = load_config(None, ["data.backend=synthetic", "data.batch_size=512", "train.epochs=3", "optim.warmup_epochs=1", "optim.base_lr=0.2",
+                             "byol.tau_base=0.99"])
+    plan = RunPlan.of(cfg, steps_per_epoch=10)
+    assert (plan.total_steps, plan.warmup_steps, plan.peak_lr) == (30, 10, pytest.approx(0.4))
+    assert plan.lr(5) == pytest.approx(0.2) and plan.lr(10) == pytest.approx(0.4)  # linear warm-up to the peak
+    assert plan.lr(20) == pytest.approx(0.2)  # half-way down the cosine
+    assert plan.tau(0) == pytest.approx(0.99) and plan.tau(30) == 1.0 and plan.tau(99) == 1.0
+    assert plan.lr(30) == 0.0 and plan.lr(99) == 0.0 and plan.epoch(29) == 2
+    short = RunPlan.of(load_config(None, ["data.backend=synthetic", "train.max_steps=4", "optim.warmup_epochs=10"]), steps_per_epoch=10)
+    assert (short.total_steps, short.warmup_steps) == (4, 3)  # warm-up clamped inside the run

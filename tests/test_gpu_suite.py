@@ -1,0 +1,152 @@
+"""benchmarks/gpu_suite.py cannot rot between GPU rounds: its `--device cpu --tiny` run goes through
+every stage here, and its records are checked for structure and invariants (never for speed);
+the DALI parts are joined only when all are there and their checksums match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+
+from fastbyol.profile import VERDICTS  # noqa: E402
+
+RECORD_KEYS = {"run", "stage", "status", "seconds", "budget_s", "result", "error"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
+           "--out", str(out), "--work", str(work), "--wheelhouse", str(work / "no-wheelhouse"),
+           "--dali-parts", str(work / "no-dali-parts")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return {r["stage"]: r for r in records}, out, proc.stdout
+
+
+def positive(x: float) -> bool:
+    return x > 0 and math.isfinite(x)
+
+
+def test_every_stage_runs_and_records_itself(tiny_run):
+    stages, out, printed = tiny_run
+    assert list(stages) == ["install", *gpu_suite.STAGES]
+    for name, r in stages.items():
+        assert set(r) == RECORD_KEYS, name
+        assert r["status"] == "ok", (name, r["error"])
+        assert 0 <= r["seconds"] <= r["budget_s"] + 5, name
+    assert len({r["run"] for r in stages.values()}) == 1
+    install = stages["install"]["result"]
+    assert install["wheels"] == [] and "no wheels" in install["note"] and install["dali"].startswith("not installed")
+    env = stages["environment"]["result"]
+    assert env["gpu"] == "cpu" and env["cpu_count"] >= 1 and env["imports_torchvision"]
+    table = (out / "results.md").read_text()
+    assert table in printed
+    for stage in stages:
+        assert f"| {stage} | ok |" in table
+
+
+def test_ceiling_and_model_figures_hold_their_invariants(tiny_run):
+    stages = tiny_run[0]
+    ceiling = stages["ceiling"]["result"]
+    assert positive(ceiling["images_per_sec"]["eager"]) and "compiled" in ceiling["skipped"]
+    assert ceiling["byol_bar"] == pytest.approx(max(ceiling["images_per_sec"].values()) * 3 / 8)
+    model = stages["model"]["result"]
+    assert [(v["name"], v["batch"]) for v in model["variants"]] == [
+        ("eager", 4), ("concat_views", 4), ("ddp 1 rank", 4), ("ddp 1 rank, gradient_as_bucket_view", 4)]
+    assert all(v["stride_warnings"] == [] for v in model["variants"][2:])  # channels_last, gloo on a CPU
+    for v in model["variants"]:
+        assert positive(v["images_per_sec"]) and v["step_ms"] == pytest.approx(1e3 * v["batch"] / v["images_per_sec"])
+    fused = model["fused_ops"]
+    assert set(fused["lars_ms"]) == {"foreach", "per-param loop"} and set(fused["ema_ms"]) >= {"foreach"}
+    for variant in ("foreach", "per-param loop"):  # a part of the step is less than the step
+        share = fused[f"share_{variant}"]
+        assert share == pytest.approx((fused["lars_ms"][variant] + fused["ema_ms"][variant])
+                                      / model["variants"][0]["step_ms"])
+        assert positive(share)
+    assert fused["ema_params"] < fused["lars_params"]  # the predictor has no target copy
+    assert "not checked on cpu" in model["host_syncs"]
+
+
+def test_peers_and_loader_stages(tiny_run):
+    stages = tiny_run[0]
+    contenders = {c["name"]: c for c in stages["peers"]["result"]["contenders"]}
+    assert set(contenders) == {"fastbyol", "fastbyol-concat", "lightly", "byol-pytorch"}
+    assert contenders["fastbyol"]["status"] == "ok" and contenders["fastbyol"]["ratio_to_fastbyol"] == 1.0
+    for peer in ("lightly", "byol-pytorch"):
+        assert contenders[peer]["status"] in ("ok", "not installed", "not importable")
+    loader = stages["loader"]["result"]
+    assert loader["images"]["images"] == gpu_suite.TINY.images and loader["images"]["mean_kb"] > 0
+    assert set(loader["backends"]) == {"folder", "ffcv"}
+    dali = stages["dali"]["result"]
+    runs = {**loader["backends"], **dali.get("backends", {})}
+    measured = {b: r for b, r in runs.items() if "error" not in r}
+    assert "folder" in measured  # the reference path needs no optional package
+    for backend, r in measured.items():
+        assert all(positive(r[f]) for f in ("loader", "model", "end_to_end")), backend
+        assert r["end_to_end_over_model"] == pytest.approx(r["end_to_end"] / r["model"])
+        assert r["verdict"] in VERDICTS and r["evidence"]
+    for backend, r in runs.items():
+        if "error" in r:
+            assert backend in ("ffcv", "dali") and r["error"]  # a missing backend says so in one line
+    if "ffcv" in measured:
+        assert loader["convert"]["exit_code"] == 0 and loader["convert"]["beton_mb"] > 0
+
+
+def _parts(tmp_path: Path, n_parts: int = 3) -> tuple[Path, bytes]:
+    """A real tar holding one file, split into parts + SHA256SUMS as tools/wheelhouse.sh writes them."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    payload = tmp_path / "pkg-1.0-py3-none-any.whl"
+    payload.write_bytes(bytes(range(256)) * 40)
+    tar_path = tmp_path / "dali.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(payload, arcname=payload.name)
+    data = tar_path.read_bytes()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    step = math.ceil(len(data) / n_parts)
+    lines = [f"{hashlib.sha256(data).hexdigest()}  dali.tar"]
+    for k in range(n_parts):
+        chunk = data[k * step:(k + 1) * step]
+        (parts / f"dali.tar.part{k}").write_bytes(chunk)
+        lines.append(f"{hashlib.sha256(chunk).hexdigest()}  dali.tar.part{k}")
+    (parts / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return parts, payload.read_bytes()
+
+
+def test_dali_parts_are_joined_only_when_complete_and_intact(tmp_path):
+    parts, payload = _parts(tmp_path)
+    joined = gpu_suite._joined_dali(parts, tmp_path / "into")
+    assert joined["status"] == "installed"
+    assert [w.read_bytes() for w in joined["wheels"]] == [payload]
+
+    (parts / "dali.tar.part1").unlink()
+    missing = gpu_suite._joined_dali(parts, tmp_path / "into2")
+    assert missing["status"] == "not installed: 2 of 3 parts in %s (missing dali.tar.part1)" % parts
+
+    parts, _ = _parts(tmp_path / "again")
+    (parts / "dali.tar.part2").write_bytes(b"damaged")
+    assert "checksum of dali.tar.part2" in gpu_suite._joined_dali(parts, tmp_path / "into3")["status"]
+    assert "no " in gpu_suite._joined_dali(tmp_path / "nothing", tmp_path / "into4")["status"]
+
+
+def test_the_newest_record_of_a_stage_wins(tmp_path):
+    results = tmp_path / "results.jsonl"
+    rows = [{"run": "a", "stage": "dali", "status": "ok", "result": {"skipped": "x"}},
+            {"run": "a", "stage": "ceiling", "status": "ok", "result": {}},
+            {"run": "b", "stage": "dali", "status": "ok", "result": {"backends": {}}}]
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [(r["stage"], r["run"]) for r in gpu_suite.latest_records(results)] == [("ceiling", "a"), ("dali", "b")]
