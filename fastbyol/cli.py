@@ -16,7 +16,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
     from fastbyol.dist import RankLost, launcher_env
-    from fastbyol.train import Interrupted, train
+    from fastbyol.train import Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -29,19 +29,9 @@ def _train(args: argparse.Namespace) -> int:
     except RankLost as e:
         print_error(e)
         return 1
-    if not launcher_env().is_main:
-        return 0
-    if summary["already_complete"]:
-        for note in summary["notes"]:
-            err.print(note, markup=False)
-        err.print(f"run directory {summary['run_dir']} holds a complete run ({summary['steps']} steps of "
-                  f"{summary['total_steps']}); nothing to do. Raise train.epochs (or train.max_steps) to continue it, "
-                  f"or pass --no-resume to start afresh", markup=False)
-        return 0
-    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-    err.print(f"done: {summary['steps']} steps, final loss {loss}, "
-              f"{summary['mean_images_per_sec'] or 0:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
-              f"run directory {summary['run_dir']}", markup=False)
+    if launcher_env().is_main:
+        for line in summary_lines(summary):
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from rich.console import Console
@@ -33,39 +33,91 @@ class Throughput:
 
 
 class MetricWindow:
-    """The training metrics of the steps since the last log line.
+    """The training metrics of the steps since the last log line, and where their time went.
 
-    Loss, cosine and collapse std are summed on the device (no host sync per step); `flush` takes
-    their mean over the window and over ranks (the one host sync of a log window) and starts the
-    next window.
+    Loss, cosine and collapse std are summed on the device (no host sync per step). The wall time
+    of the window is split into the time the loop waited for the loader (inside `next` of
+    `batches`) and the rest (the step, logging, checkpoints). `flush` takes the means over the
+    window and over ranks (the one host sync of a log window) and starts the next window.
     """
 
-    def __init__(self, device: torch.device, images_per_step: int, first_step: int = 0) -> None:
+    def __init__(self, device: torch.device, images_per_step: int, world_size: int = 1,
+                 flops_per_image: float | None = None, peak_flops: float | None = None,
+                 first_step: int = 0) -> None:
+        self.device = device
         self.sums = torch.zeros(3, device=device)  # loss, cosine, collapse std
         self.steps = 0
-        self.images_per_step = images_per_step
+        self.images_per_step, self.world_size = images_per_step, world_size
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.speed = Throughput()
         self.speed.update(first_step * images_per_step)
+        self.wait_s = 0.0
+        self.start = time.perf_counter()
+        self.total = {"images": 0, "wall_s": 0.0, "wait_s": 0.0}  # over every flushed window
+
+    def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """`batches`, timing how long each one took to arrive."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait_s += time.perf_counter() - t
+            yield batch
 
     def add(self, loss: torch.Tensor, cosine: torch.Tensor, collapse_std: torch.Tensor) -> None:
         self.sums += torch.stack([t.detach().to(self.sums.dtype) for t in (loss, cosine, collapse_std)])
         self.steps += 1
 
-    def flush(self, step: int) -> dict[str, float]:
-        """{"loss", "cosine", "collapse_std"}: means over the window and all ranks; "images_per_sec"
-        over the last few windows (summed over ranks)."""
+    def flush(self, step: int) -> dict[str, Any]:
+        """The window's record fields (means over ranks): loss, cosine, collapse_std;
+        images_per_sec (summed over ranks, over the last few windows); loader_wait_share (of the
+        window's wall time), step_time_s, mfu (None: no known peak for this device and
+        precision) and, on CUDA, peak_memory_gib (the most allocated since the start)."""
         from fastbyol import dist
+        from fastbyol.utilization import mfu
 
-        loss, cos, std = dist.all_reduce_mean(self.sums / self.steps).tolist()
+        wall = time.perf_counter() - self.start
+        timing = torch.tensor([self.wait_s, wall], device=self.device)
+        means = dist.all_reduce_mean(torch.cat([self.sums / self.steps, timing.to(self.sums.dtype)]))
+        loss, cos, std, wait, wall = means.tolist()
+        images = self.steps * self.images_per_step
+        record: dict[str, Any] = {
+            "loss": loss, "cosine": cos, "collapse_std": std,
+            "images_per_sec": self.speed.update(step * self.images_per_step),
+            "loader_wait_share": min(1.0, wait / wall) if wall > 0 else 0.0,
+            "step_time_s": wall / self.steps,
+            "mfu": None if self.flops_per_image is None or wall <= 0 else
+            mfu(self.flops_per_image, images / wall / self.world_size, self.peak_flops),
+        }
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.total["images"] += images
+        self.total["wall_s"] += wall
+        self.total["wait_s"] += wait
         self.sums.zero_()
         self.steps = 0
-        return {"loss": loss, "cosine": cos, "collapse_std": std,
-                "images_per_sec": self.speed.update(step * self.images_per_step)}
+        self.wait_s, self.start = 0.0, time.perf_counter()
+        return record
 
     def pause(self, step: int) -> None:
-        """Leave out the time since the last flush (e.g. an evaluation) from images/sec."""
+        """Leave out the time since the last flush (e.g. an evaluation) from every figure."""
         self.speed.reset()
         self.speed.update(step * self.images_per_step)
+        self.wait_s, self.start = 0.0, time.perf_counter()
+
+
+def time_figures(record: dict[str, Any]) -> str:
+    """Where a window's time went, as the progress line shows it:
+    'wait 12%  step 0.153 s  MFU 41.2%' (MFU unknown without a known peak; '  mem 3.2 GiB' on CUDA)."""
+    mfu = record.get("mfu")
+    text = (f"wait {100 * record['loader_wait_share']:.0f}%  step {record['step_time_s']:.3g} s  "
+            f"MFU {'unknown' if mfu is None else f'{100 * mfu:.1f}%'}")
+    if "peak_memory_gib" in record:
+        text += f"  mem {record['peak_memory_gib']:.1f} GiB"
+    return text
 
 
 class RunMonitor:
@@ -85,11 +137,12 @@ class RunMonitor:
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[img_s]:>7.1f} img/s  loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}"
-                           "  τ {task.fields[tau]:.5f}  std {task.fields[std]:.4f}"),
+                           "  τ {task.fields[tau]:.5f}  std {task.fields[std]:.4f}  {task.fields[time]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, epoch=0,
-                                               img_s=0.0, loss=float("nan"), lr=0.0, tau=0.0, std=float("nan"))
+                                               img_s=0.0, loss=float("nan"), lr=0.0, tau=0.0, std=float("nan"),
+                                               time="")
             self.progress.start()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +157,14 @@ class RunMonitor:
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], epoch=record["epoch"],
                                  img_s=record["images_per_sec"], loss=record["loss"], lr=record["lr"],
-                                 tau=record["tau"], std=record["collapse_std"])
+                                 tau=record["tau"], std=record["collapse_std"], time=time_figures(record))
         elif self.mode == "plain":
             extra = "".join(f"  {k} {v:.4f}" for k, v in record.items() if k.startswith("knn"))
             self.console.print(
                 f"step {record['step']}/{self.total_steps}  epoch {record['epoch']}  "
                 f"{record['images_per_sec']:.1f} img/s  loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
-                f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}{extra}", highlight=False, soft_wrap=True)
+                f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}  {time_figures(record)}{extra}",
+                highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":

@@ -12,6 +12,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import time
@@ -30,10 +31,11 @@ from fastbyol.config import Config, to_dict
 from fastbyol.ema import TargetEMA
 from fastbyol.evaluate import KNNMonitor
 from fastbyol.export import online_encoder_state
-from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics
+from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics, time_figures
 from fastbyol.models.resnet import resnet
 from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
 from fastbyol.optim import LARS, RunPlan
+from fastbyol.utilization import peak_flops, step_flops_per_image
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
@@ -211,7 +213,8 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         monitor.message(f"resumed from {state['path']} at step {step}")
     knn = KNNHook(cfg, plan)
     images_per_step = loader.batch_size * info.world_size
-    window = MetricWindow(device, images_per_step, first_step=step)
+    window = MetricWindow(device, images_per_step, info.world_size, step_flops_per_image(cfg),
+                          peak_flops(device, cfg.train.precision), first_step=step)
     record: dict = {}
 
     def save() -> None:
@@ -231,7 +234,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         with StopFlag() as stop:
             while step < plan.total_steps:
                 epoch = plan.epoch(step)
-                for batch in loader.epoch(epoch, start_step=step % plan.steps_per_epoch):
+                for batch in window.batches(loader.epoch(epoch, start_step=step % plan.steps_per_epoch)):
                     lr, tau = plan.lr(step), plan.tau(step)
                     out = train_step(c, batch.view1, batch.view2, lr, tau)
                     window.add(out.loss, out.cosine, out.collapse_std)
@@ -262,12 +265,57 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     elapsed = time.perf_counter() - start_time
     summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
-               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False}
+               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False,
+               **_where_time_went(window, record)}
     if info.is_main:
         checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return summary
+
+
+def _where_time_went(window: MetricWindow, last: dict) -> dict:
+    """The run's time figures for the summary: loader wait share and step time over every logged
+    window, the last record's MFU and peak memory, and the profiler's verdict on them.
+
+    Only end-to-end time is observed during training, so the profiler's three rates are
+    estimated from it: loader = images / loader wait, model = images / (wall − wait),
+    end-to-end = images / wall. For a loader that works in the loop (no prefetch) these are its
+    rates; a prefetching loader hides part of its work, so the loader rate is an upper bound,
+    and end-to-end / model (= 1 − wait share) still says how much the pipeline costs.
+    """
+    from fastbyol.profile import verdict
+
+    t = window.total
+    if not t["images"] or t["wall_s"] <= 0:
+        return {}
+    share = min(1.0, t["wait_s"] / t["wall_s"])
+    work = max(t["wall_s"] - t["wait_s"], 1e-12)
+    word, evidence = verdict(t["images"] / t["wait_s"] if t["wait_s"] > 0 else math.inf,
+                             t["images"] / work, t["images"] / t["wall_s"])
+    figures = {"loader_wait_share": share, "step_time_s": t["wall_s"] * window.images_per_step / t["images"],
+               "mfu": last.get("mfu"), "verdict": word, "verdict_reason": evidence[-1]}
+    if "peak_memory_gib" in last:
+        figures["peak_memory_gib"] = last["peak_memory_gib"]
+    return figures
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What `fastbyol train` prints at the end: totals, where the time went, and the verdict; or,
+    for a run that was complete already, that nothing was done."""
+    if summary.get("already_complete"):
+        return [*summary["notes"],
+                f"run directory {summary['run_dir']} holds a complete run ({summary['steps']} steps of "
+                f"{summary['total_steps']}); nothing to do. Raise train.epochs (or train.max_steps) to continue it, "
+                "or pass --no-resume to start afresh"]
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    lines = [f"done: {summary['steps']} steps, final loss {loss}, "
+             f"{summary['mean_images_per_sec'] or 0:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
+             f"run directory {summary['run_dir']}"]
+    if "verdict" in summary:
+        lines.append(f"time: {time_figures(summary)}")
+        lines.append(f"verdict: {summary['verdict']} ({summary['verdict_reason']})")
+    return lines
 
 
 def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool, device: torch.device) -> bool:

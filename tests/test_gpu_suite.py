@@ -30,7 +30,8 @@ def tiny_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
            "--out", str(out), "--work", str(work), "--wheelhouse", str(work / "no-wheelhouse"),
-           "--dali-parts", str(work / "no-dali-parts")]
+           "--dali-parts", str(work / "no-dali-parts"),
+           "--budget-scale", "4", "--total", "1800"]  # a slow CI machine must not turn a stage into a timeout
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -57,6 +58,43 @@ def test_every_stage_runs_and_records_itself(tiny_run):
     assert table in printed
     for stage in stages:
         assert f"| {stage} | ok |" in table
+    assert "| fastbyol / the faster peer >= 1.3 (peers stage, same run) |" in table
+    assert "| LARS + EMA (foreach) < 2 % of the eager step |" in table
+
+
+def test_a_stage_past_its_budget_is_stopped_and_the_suite_goes_on(tmp_path):
+    """Budgets far below a Python start-up with torch: every stage is killed, each is recorded, and
+    with the suite's time spent the rest are recorded as skipped."""
+    def run(*extra: str) -> list[dict]:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
+               "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+               "--wheelhouse", str(tmp_path / "none"), "--dali-parts", str(tmp_path / "none"), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+
+    records = run("--stages", "environment,ceiling", "--budget-scale", "0.01")
+    assert [(r["stage"], r["status"], r["result"]) for r in records[1:]] == [
+        ("environment", "timeout", None), ("ceiling", "timeout", None)]
+    assert all(r["seconds"] < r["budget_s"] + 2 and "budget" in r["error"] for r in records[1:])
+    records = run("--stages", "model", "--total", "0")
+    assert records[-1]["stage"] == "model" and records[-1]["status"].startswith("skipped")
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| environment | timeout |" in table and "| model | skipped" in table
+
+
+def test_targets_are_read_from_the_figures():
+    res = {"ceiling": {"byol_bar": 1000.0},
+           "model": {"variants": [{"name": "eager", "images_per_sec": 950.0}], "fused_ops": {"share_foreach": 0.03}},
+           "peers": {"contenders": [{"name": "fastbyol", "status": "ok", "images_per_sec": 950.0},
+                                    {"name": "lightly", "status": "ok", "images_per_sec": 500.0},
+                                    {"name": "byol-pytorch", "status": "ok", "images_per_sec": 800.0}]},
+           "loader": {"backends": {"ffcv": {"end_to_end_over_model": 0.98}}}}
+    got = {what.split(" ")[0]: (value, met) for what, value, met in gpu_suite.targets(res)}
+    assert got["fastbyol"] == ("1.19x", "no")  # 950 / 800: the faster peer is the bar
+    assert got["model-only"] == ("0.95", "yes")
+    assert got["LARS"] == ("3.0%", "no")
+    assert got["ffcv:"] == ("0.980", "yes") and got["dali:"] == ("-", "not measured")
 
 
 def test_ceiling_and_model_figures_hold_their_invariants(tiny_run):

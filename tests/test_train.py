@@ -43,7 +43,13 @@ def test_loss_falls_on_a_fixed_synthetic_batch(tmp_path):
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 12 and len(rows) == 12
-    assert {"step", "epoch", "loss", "lr", "tau", "images_per_sec", "collapse_std", "time"} <= rows[0].keys()
+    assert {"step", "epoch", "loss", "lr", "tau", "images_per_sec", "collapse_std", "time",
+            "loader_wait_share", "step_time_s", "mfu"} <= rows[0].keys()
+    for r in rows:  # where the time went, in every record
+        assert 0.0 <= r["loader_wait_share"] <= 1.0 and r["step_time_s"] > 0
+        assert r["mfu"] is None and "peak_memory_gib" not in r  # a CPU: no known peak, no CUDA memory
+    assert summary["verdict"] in ("loader-bound", "model-bound", "balanced", "contention")
+    assert 0.0 <= summary["loader_wait_share"] <= 1.0
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < first - 0.5, (first, last)
     assert rows[0]["tau"] == pytest.approx(0.9) and rows[-1]["tau"] > rows[0]["tau"]

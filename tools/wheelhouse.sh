@@ -108,10 +108,7 @@ for d in "$OUT"/dali-*; do cp "$WORK/SHA256SUMS" "$d/"; done
     find "$OUT" -type f ! -name MANIFEST.txt -printf '%s %p\n' | sort -k2
     echo "# ffcv vendors (ffcv.libs):"
     unzip -l "$OUT"/core/ffcv-*.whl | awk '/ffcv.libs\/./ {print "#   " $4 " " $1}'
-    echo "# carry per GPU command (64 MiB each, source tree included):"
-    echo "#   the suite:      $OUT/core ($(du -sm "$OUT/core" | cut -f1) MiB)"
-    for d in "$OUT"/dali-*; do
-        echo "#   one command:    $d ($(du -sm "$d" | cut -f1) MiB): mkdir -p /tmp/fastbyol-dali && cp $d/* /tmp/fastbyol-dali/"
-    done
+    echo "# carry per GPU command (64 MiB each, source tree included): see benchmarks/README.md"
+    echo "#   core/ $(du -sm "$OUT/core" | cut -f1) MiB; $(ls -d "$OUT"/dali-* | wc -l) DALI parts: $(du -sm "$OUT"/dali-* | cut -f1 | tr '\n' ' ')MiB"
 } > "$OUT/MANIFEST.txt"
 cat "$OUT/MANIFEST.txt"

@@ -1,0 +1,102 @@
+"""Per-run throughput figures: model FLOPs against an independent count, peaks, the time window."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fastbyol.config import load_config
+from fastbyol.metrics import MetricWindow, time_figures
+from fastbyol.train import build_model, summary_lines
+from fastbyol.utilization import mfu, peak_flops, step_flops_per_image
+
+TINY = ["data.backend=synthetic", "model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32",
+        "augment.view1.crop_size=16", "augment.view2.crop_size=16"]
+
+
+def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(multiply-adds of every Conv2d and Linear in one forward of x, those of the first conv),
+    from the layers' shapes: output elements × inputs per output."""
+    macs: list[int] = []
+
+    def count(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            macs.append(out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+        elif isinstance(m, nn.Linear):
+            macs.append(out.numel() * m.in_features)
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()]
+    with torch.no_grad():
+        module(x)
+    for h in hooks:
+        h.remove()
+    return sum(macs), macs[0]
+
+
+def test_step_flops_match_a_count_from_the_layer_shapes():
+    cfg = load_config(None, TINY)
+    model = build_model(cfg).train()
+    x = torch.randn(2, 3, 16, 16)
+    online = nn.Sequential(model.online_encoder, model.online_projector, model.predictor)
+    online_macs, first_conv = _macs(online, x)
+    target_macs, _ = _macs(nn.Sequential(model.online_encoder, model.online_projector), x)
+    # per view: online forward, its backward (weight gradients everywhere, input gradients except
+    # at the first conv, whose input is the image), target forward; 2 FLOPs per multiply-add
+    per_view = 2 * (online_macs + 2 * online_macs - first_conv + target_macs)
+    assert step_flops_per_image(cfg) == pytest.approx(2 * per_view / 2, rel=1e-9)
+
+
+def test_counting_flops_leaves_the_global_rng_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    step_flops_per_image(load_config(None, TINY))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_peaks_of_known_gpus_and_unknown_elsewhere(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "Tesla T4"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    cuda = torch.device("cuda", 0)
+    assert peak_flops(cuda, "bf16") == pytest.approx(989.4e12)
+    assert peak_flops(cuda, "fp16") == pytest.approx(756e12)
+    assert peak_flops(cuda, "fp32") == pytest.approx(156e12)  # TF32, torch's default for cuDNN convolutions
+    assert peak_flops(cuda, "bf16") is None
+    assert mfu(1e9, 100.0, 1e12) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None
+
+
+def _run_window(load_s: float, step_s: float, steps: int = 4) -> dict:
+    def slow_loader():
+        for _ in range(steps):
+            time.sleep(load_s)
+            yield 0
+
+    window = MetricWindow(torch.device("cpu"), images_per_step=8, flops_per_image=1e9, peak_flops=None)
+    one = torch.ones(())
+    for _ in window.batches(slow_loader()):
+        time.sleep(step_s)
+        window.add(one, one, one)
+    return window.flush(steps)
+
+
+def test_the_window_splits_wall_time_into_loader_wait_and_the_rest():
+    loader_bound = _run_window(load_s=0.05, step_s=0.0)
+    model_bound = _run_window(load_s=0.0, step_s=0.05)
+    for r in (loader_bound, model_bound):
+        assert 0.0 <= r["loader_wait_share"] <= 1.0 and r["mfu"] is None and r["loss"] == 1.0
+    assert loader_bound["loader_wait_share"] > 0.5 > model_bound["loader_wait_share"]
+    assert model_bound["step_time_s"] >= 0.05  # a lower bound: sleeping never takes less
+    assert "MFU unknown" in time_figures(model_bound) and "wait" in time_figures(model_bound)
+
+
+def test_summary_prints_the_figures_and_the_verdict():
+    summary = {"steps": 3, "final_loss": 1.5, "mean_images_per_sec": 10.0, "wall_time_s": 2.0, "run_dir": "r",
+               "loader_wait_share": 0.6, "step_time_s": 0.2, "mfu": 0.25, "verdict": "loader-bound",
+               "verdict_reason": "the loader alone delivers less"}
+    done, figures, verdict = summary_lines(summary)
+    assert done.startswith("done: 3 steps") and figures == "time: wait 60%  step 0.2 s  MFU 25.0%"
+    assert verdict == "verdict: loader-bound (the loader alone delivers less)"
