@@ -406,19 +406,24 @@ def install(wheelhouse: Path, dali_parts: Path, site: Path) -> dict:
     dali = _joined_dali(dali_parts, site.parent / "dali")
     result["dali"] = dali["status"]
     wheels += dali.get("wheels", [])
-    if wheels:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                              "--no-compile", "--disable-pip-version-check", "--upgrade", "--target", str(site),
-                              *map(str, wheels)], capture_output=True, text=True)
-        if pip.returncode:
-            raise RuntimeError("pip install: " + " | ".join(pip.stderr.strip().splitlines()[-3:]))
-        result["wheels"] = [w.name for w in wheels]
+    if wheels and _pip_install(wheels, site):  # one wheel pip refuses (e.g. an older glibc) must not
+        failed = {w.name: _pip_install([w], site) for w in wheels}  # cost the others: then one by one
+        result["failed"] = {name: error for name, error in failed.items() if error}
+    result["wheels"] = [w.name for w in wheels if w.name not in result.get("failed", {})]
     nvidia = site / "nvidia" / "__init__.py"
     if nvidia.exists():
         # DALI's wheels make `nvidia` a regular package; first on PYTHONPATH it would hide the node's
         # own nvidia.* (CUDA libraries). A pkgutil namespace spans every nvidia/ folder on sys.path.
         nvidia.write_text("__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n")
     return result
+
+
+def _pip_install(wheels: list[Path], site: Path) -> str:
+    """'' if pip installed `wheels` into `site` (no index, no dependencies), else pip's last error lines."""
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                          "--disable-pip-version-check", "--upgrade", "--target", str(site), *map(str, wheels)],
+                         capture_output=True, text=True)
+    return "" if pip.returncode == 0 else " | ".join(pip.stderr.strip().splitlines()[-2:])
 
 
 def _joined_dali(parts_dir: Path, into: Path) -> dict:
@@ -642,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     site = args.work / "site"
     t = time.monotonic()
     try:
-        record("install", "ok", time.monotonic() - t, INSTALL_S, install(args.wheelhouse, args.dali_parts, site), "")
+        installed = install(args.wheelhouse, args.dali_parts, site)
+        refused = installed.get("failed", {})
+        record("install", f"{len(refused)} wheel(s) refused" if refused else "ok", time.monotonic() - t, INSTALL_S,
+               installed, "; ".join(f"{k}: {v}" for k, v in refused.items()))
     except (RuntimeError, OSError) as e:
         record("install", "failed", time.monotonic() - t, INSTALL_S, None, str(e))
     # the tree first (fastbyol, pipelines), then the installed wheels

@@ -68,37 +68,42 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fastbyol import evaluate as ev
     from fastbyol.dist import resolve_device
+    from fastbyol.export import load_encoder
+    from fastbyol.finetune import finetune
+    from fastbyol.knn import knn_eval
+    from fastbyol.linear import linear_eval
+    from fastbyol.results import default_result_path, write_result
+    from pipelines.labelled import EvalData, label_subset
 
-    loaded = ev.load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
+    loaded = load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
     train, val = args.train or loaded.train_path, args.val or loaded.val_path
     if not (train and val):
         raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
                           "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
-    data = ev.EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
-                                    std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
-                                    channels_last=args.channels_last)
+    data = EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
+                                 std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 channels_last=args.channels_last)
     encoder = loaded.encoder.to(resolve_device(args.device))
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     if args.protocol == "knn":
-        result, name = ev.knn_eval(encoder, data, args.k, args.temperature), "knn"
+        result, name = knn_eval(encoder, data, args.k, args.temperature), "knn"
     elif args.protocol == "linear":
-        result = ev.linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                                precompute=args.precompute, seed=args.seed, log=err.print)
+        result = linear_eval(encoder, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                             precompute=args.precompute, seed=args.seed, log=err.print)
         name = "linear_precomputed" if args.precompute else "linear"
     else:
-        subset = ev.label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
-                                 subset_file=args.subset, root=train, seed=args.seed)
-        result = ev.finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
-                             weight_decay=args.weight_decay, seed=args.seed, log=err.print)
+        subset = label_subset(data.train_paths, data.train_labels, fraction=args.label_fraction,
+                              subset_file=args.subset, root=train, seed=args.seed)
+        result = finetune(encoder, data, subset, epochs=args.epochs, lr=args.lr,
+                          weight_decay=args.weight_decay, seed=args.seed, log=err.print)
         name = f"finetune_{args.label_fraction * 100:g}pct" if args.subset is None else f"finetune_{args.subset.stem}"
     if args.random_init:
         name += "_random_init"
     result.update(source=loaded.source, train=str(train), val=str(val),
                   encoder={"depth": loaded.depth, "width": loaded.width, "stem": loaded.stem})
-    path = ev.write_result(result, args.out or ev.default_result_path(args.source, name))
+    path = write_result(result, args.out or default_result_path(args.source, name))
     variant = f" ({result['variant']})" if "variant" in result else ""
     err.print(f"{result['protocol']}{variant}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['num_val']} val images, {result['num_classes']} classes, {result['time_s']:.0f} s)")
@@ -109,6 +114,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
+    from fastbyol.config import EvalConfig
+    from fastbyol.models.resnet import STEMS
+
+    defaults = EvalConfig()  # the eval section of a training config: one set of defaults for both
     p = sub.add_parser("eval", help="kNN, linear or fine-tuning evaluation of a pretrained encoder")
     protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     helps = {"knn": "weighted kNN (cosine, exp(sim/T) votes) on frozen features",
@@ -120,20 +129,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--train", help="labeled ImageFolder to train on / the kNN bank (default: the run's eval.train_path)")
         q.add_argument("--val", help="labeled ImageFolder to test on (default: the run's eval.val_path)")
         q.add_argument("--image-size", type=int, default=0, help="test crop size (default: the run's, else 224)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per batch")
-        q.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        q.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per batch")
+        q.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image decoding workers")
         q.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
         q.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
         q.add_argument("--depth", type=int, help="ResNet depth (default: the run's, else read from the weights)")
         q.add_argument("--width", type=int, help="width multiplier (default: the run's, else read from the weights)")
-        q.add_argument("--stem", choices=("imagenet", "cifar"), help="stem (default: the run's, else from the weights)")
+        q.add_argument("--stem", choices=STEMS, help="stem (default: the run's, else from the weights)")
         q.add_argument("--random-init", action="store_true",
                        help="ignore the weights: the same encoder as initialised by the run's seed (the baseline)")
         q.add_argument("--out", type=Path, help="result JSON (default: RUN_DIR/eval_<protocol>.json)")
         q.set_defaults(func=_eval)
         if name == "knn":
-            q.add_argument("--k", type=int, default=20, help="neighbours per vote")
-            q.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / temperature)")
+            q.add_argument("--k", type=int, default=defaults.k, help="neighbours per vote")
+            q.add_argument("--temperature", type=float, default=defaults.temperature,
+                           help="vote weight exp(cosine / temperature)")
             continue
         q.add_argument("--epochs", type=int, default=80 if name == "linear" else 30)
         q.add_argument("--lr", type=float, help="peak lr, cosine-decayed to 0 (default: "

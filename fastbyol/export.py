@@ -22,14 +22,18 @@ read back from the keys and shapes by `infer_architecture(sd)`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fastbyol import checkpoint
+from fastbyol.config import load_run_config
 from fastbyol.models.resnet import STAGES, ResNet, resnet
+from pipelines.policy import IMAGENET_MEAN, IMAGENET_STD
 
 ONLINE_PREFIX = "online_encoder."
 # Wrappers that prefix a state_dict's keys: DDP (module.), torch.compile(model) (_orig_mod.)
@@ -173,5 +177,62 @@ def export_encoder(source: str | Path, out: str | Path) -> dict:
             "num_params": num_params, "note": torchvision_note(depth, width, stem)}
 
 
-__all__ = ["EncoderState", "build_encoder", "encoder_state", "export_encoder", "infer_architecture",
-           "online_encoder_state", "torchvision_note"]
+# ---------------------------------------------------------------- an encoder to evaluate
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder ready to evaluate, and what its run says about its inputs."""
+
+    encoder: nn.Module
+    source: str  # the file the weights came from ("random init" for the baseline)
+    run_dir: Path | None
+    depth: int
+    width: int
+    stem: str
+    image_size: int  # the run's eval.image_size or training crop size; 224 without a run
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train_path: str  # the run's eval.train_path / eval.val_path, "" without a run
+    val_path: str
+
+
+def load_encoder(source: str | os.PathLike, depth: int | None = None, width: int | None = None,
+                 stem: str | None = None, random_init: bool = False) -> LoadedEncoder:
+    """The online encoder of a run directory, a checkpoint or an encoder.pt, on the CPU.
+
+    A run directory (or a file inside one) also gives the input size, the normalization and the
+    default eval folders from its config.yaml. depth / width / stem not given come from the
+    run's config, else are read from the weights' keys and shapes (fastbyol.export.infer_architecture).
+    random_init=True keeps the architecture but not the weights: the encoder as the run's
+    train.seed initialised it before training (the baseline pretraining must beat).
+    """
+    if random_init and (Path(source) / "config.yaml").is_file():  # a run's baseline needs only its config
+        found = EncoderState({}, str(source), Path(source))
+    else:
+        found = encoder_state(source)
+    cfg = None
+    if found.run_dir is not None and (found.run_dir / "config.yaml").is_file():
+        cfg = load_run_config(found.run_dir)
+    if cfg is not None:
+        depth, width, stem = depth or cfg.model.depth, width or cfg.model.width, stem or cfg.model.stem
+    else:
+        inferred = infer_architecture(found.state)
+        depth, width, stem = depth or inferred[0], width or inferred[1], stem or inferred[2]
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed if cfg is not None else 0)  # as build_components seeds it
+            encoder = resnet(depth, width, stem, cfg.model.zero_init_residual if cfg is not None else False)
+        where = "random init"
+    else:
+        encoder = build_encoder(found.state, depth, width, stem)
+        where = found.source
+    if cfg is not None:
+        return LoadedEncoder(encoder, where, found.run_dir, depth, width, stem,
+                             cfg.eval.image_size or cfg.augment.view1.crop_size, tuple(cfg.augment.mean),
+                             tuple(cfg.augment.std), cfg.eval.train_path, cfg.eval.val_path)
+    return LoadedEncoder(encoder, where, found.run_dir, depth, width, stem, 224, IMAGENET_MEAN, IMAGENET_STD, "", "")
+
+
+__all__ = ["EncoderState", "LoadedEncoder", "build_encoder", "encoder_state", "export_encoder", "infer_architecture",
+           "load_encoder", "online_encoder_state", "torchvision_note"]

@@ -328,6 +328,8 @@ def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None 
          "suggestion": "NHWC convolutions (tensor cores)"},
         {"key": "train.precision", "current": cfg.train.precision, "already": cfg.train.precision != "fp32",
          "suggestion": "bf16 autocast"},
+        {"key": "model.compile_mode", "current": m.compile_mode, "already": m.compile_mode == "reduce-overhead",
+         "suggestion": "reduce-overhead: CUDA graphs replay the compiled networks (with model.compile)"},
     ]
     model_side = (gpu_side if on_gpu else []) + [
         {"key": "model.compile", "current": m.compile, "already": m.compile,

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +27,7 @@ from fastbyol import checkpoint, dist, rundir
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
 from fastbyol.config import Config, to_dict
 from fastbyol.ema import TargetEMA
-from fastbyol.evaluate import KNNMonitor
+from fastbyol.knn import KNNMonitor
 from fastbyol.export import online_encoder_state
 from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics, time_figures
 from fastbyol.models.resnet import resnet
@@ -132,13 +130,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) the training of `cfg`; returns a summary dict (steps, final loss, images/sec).
 
@@ -223,7 +214,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                 "model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
                 "scaler": c.scaler.state_dict() if c.scaler is not None else None,
                 "step": step, "epoch": plan.epoch(step), "config": to_dict(cfg),
-                "world_size": info.world_size, "rng": _rng_state(),
+                "world_size": info.world_size,
             }, run_dir, step, cfg.train.keep_checkpoints)
         dist.barrier()
 

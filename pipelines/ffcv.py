@@ -111,7 +111,8 @@ class FFCVLoader:
         self.batch_size = self.plan.batch_size
         v1, v2 = augment.view1, augment.view2
         self.decoder = TwoCropDecoder(v1.crop_size, (v1.crop_scale, v2.crop_scale),
-                                      (v1.crop_ratio, v2.crop_ratio), augment.crop_sampler)
+                                      (v1.crop_ratio, v2.crop_ratio), augment.crop_sampler,
+                                      data.ffcv.interpolation)
         pipelines: dict = {name: None for name in fields}  # other fields are not read
         pipelines["image"] = [self.decoder, ToTensor()]
         pipelines["label"] = [IntDecoder(), ToTensor()]

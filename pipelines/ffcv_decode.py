@@ -9,8 +9,9 @@ Crop boxes follow pipelines.crops.sample_crop (the official sampler, or torchvis
 random numbers come from a counter-based generator (splitmix64) keyed by (epoch key, sample
 index, view): a box does not depend on the thread, the batch or the worker count. The epoch key
 lives in a one-element array that the compiled code reads through its address, so it can change
-every epoch without recompiling. The resize is FFCV's (OpenCV INTER_AREA), not the paper's
-bicubic.
+every epoch without recompiling. The resize is Pillow's antialiased bicubic, reimplemented here
+(interpolation "cubic", the folder backend's pixels), or FFCV's OpenCV INTER_AREA ("area": faster,
+but nearest-neighbour-like where a crop is enlarged).
 
 This module imports ffcv at load: import it only after checking that ffcv is installed.
 """
@@ -32,6 +33,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 
 ATTEMPTS = 10  # torchvision's tries before the center-crop fallback
+INTERPOLATIONS = ("cubic", "area")  # Pillow's antialiased bicubic (as the folder path) | OpenCV INTER_AREA
 DRAWS = 4 * ATTEMPTS  # uniforms per box: area, log-ratio, top, left for each try
 
 _KEEP_ALIVE: list = []  # see TwoCropDecoder.generate_code
@@ -113,6 +115,123 @@ def crop_from_uniforms(u, height, width, scale_lo, scale_hi, log_ratio_lo, log_r
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# ---------------------------------------------------------------- PIL's antialiased bicubic, in numba
+# Pillow's ImagingResample (libImaging/Resample.c) with its bicubic filter (a = -0.5): support
+# widened by the shrink factor (antialiasing), 22-bit fixed-point weights, a horizontal then a
+# vertical pass through a uint8 image. The folder backend's crop(...).resize(..., BICUBIC) is
+# this, so both backends make the same pixels from the same crop box.
+
+_PRECISION_BITS = 32 - 8 - 2
+
+
+@numba.njit(inline="always")
+def _bicubic(x):
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+@numba.njit
+def _coefficients(in_size, out_size):
+    """(xmin, count, weights) per output pixel: Pillow's precompute_coeffs + normalize_coeffs_8bpc."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    bounds = np.zeros((out_size, 2), np.int64)
+    weights = np.zeros((out_size, ksize), np.int64)
+    k = np.zeros(ksize)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        total = 0.0
+        for x in range(xmax):
+            k[x] = _bicubic((x + xmin - center + 0.5) / filterscale)
+            total += k[x]
+        for x in range(xmax):
+            w = k[x] / total if total != 0.0 else k[x]
+            weights[xx, x] = int(w * (1 << _PRECISION_BITS) + (-0.5 if w < 0 else 0.5))
+        bounds[xx, 0], bounds[xx, 1] = xmin, xmax
+    return bounds, weights
+
+
+@numba.njit(inline="always")
+def _clip8(acc):
+    v = acc >> _PRECISION_BITS
+    return 0 if v < 0 else (255 if v > 255 else v)
+
+
+@numba.njit
+def _resample_rows(src, dst):
+    """dst (h, out_w, 3) = each row of src (h, w, 3) resampled to out_w pixels (horizontal pass)."""
+    bounds, weights = _coefficients(src.shape[1], dst.shape[1])
+    half = 1 << (_PRECISION_BITS - 1)
+    for y in range(src.shape[0]):
+        row = src[y]
+        for xx in range(dst.shape[1]):
+            xmin, n = bounds[xx, 0], bounds[xx, 1]
+            r = g = b = half
+            for x in range(n):
+                wt = weights[xx, x]
+                r += np.int64(row[xmin + x, 0]) * wt
+                g += np.int64(row[xmin + x, 1]) * wt
+                b += np.int64(row[xmin + x, 2]) * wt
+            dst[y, xx, 0], dst[y, xx, 1], dst[y, xx, 2] = _clip8(r), _clip8(g), _clip8(b)
+
+
+@numba.njit
+def _resample_columns(src, dst):
+    """dst (out_h, w, 3) = each column of src (h, w, 3) resampled to out_h pixels (vertical pass);
+    whole rows are accumulated at a time, so memory is read in order."""
+    bounds, weights = _coefficients(src.shape[0], dst.shape[0])
+    half = 1 << (_PRECISION_BITS - 1)
+    width = src.shape[1]
+    acc = np.empty((width, 3), np.int64)
+    for yy in range(dst.shape[0]):
+        ymin, n = bounds[yy, 0], bounds[yy, 1]
+        acc[:] = half
+        for y in range(n):
+            wt = weights[yy, y]
+            row = src[ymin + y]
+            for xx in range(width):
+                for c in range(3):
+                    acc[xx, c] += np.int64(row[xx, c]) * wt
+        for xx in range(width):
+            for c in range(3):
+                dst[yy, xx, c] = _clip8(acc[xx, c])
+
+
+@numba.njit
+def resize_crop_bicubic(image, top, bottom, left, right, destination):
+    """image[top:bottom, left:right] (H, W, 3 uint8) resized into destination (S, S, 3), as
+    Pillow's Image.crop(box).resize((S, S), BICUBIC) does (Pillow 13: of two passes, the one that
+    leaves the smaller intermediate image runs first)."""
+    crop = image[top:bottom, left:right]
+    h, w = bottom - top, right - left
+    out_h, out_w = destination.shape[0], destination.shape[1]
+    if w != out_w and h != out_h:
+        if out_h * w < h * out_w:
+            temp = np.empty((out_h, w, 3), np.uint8)
+            _resample_columns(crop, temp)
+            _resample_rows(temp, destination)
+        else:
+            temp = np.empty((h, out_w, 3), np.uint8)
+            _resample_rows(crop, temp)
+            _resample_columns(temp, destination)
+    elif w != out_w:
+        _resample_rows(crop, destination)
+    elif h != out_h:
+        _resample_columns(crop, destination)
+    else:
+        destination[:, :, :] = crop
+    return destination
+
+
 class TwoCropDecoder(SimpleRGBImageDecoder):
     """Decoder for ffcv's RGBImageField: (B,) sample indices -> (B, 2, S, S, 3) uint8 crops.
 
@@ -123,11 +242,14 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
     """
 
     def __init__(self, size: int, scales: tuple[tuple[float, float], tuple[float, float]],
-                 ratios: tuple[tuple[float, float], tuple[float, float]], crop_sampler: str = "official") -> None:
+                 ratios: tuple[tuple[float, float], tuple[float, float]], crop_sampler: str = "official",
+                 interpolation: str = "cubic") -> None:
         super().__init__()
         if crop_sampler not in ("official", "torchvision"):
             raise ValueError(f"crop_sampler = {crop_sampler!r}: expected official or torchvision")
-        self.crop_sampler = crop_sampler
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"data.ffcv.interpolation = {interpolation!r}: expected {' or '.join(INTERPOLATIONS)}")
+        self.crop_sampler, self.interpolation = crop_sampler, interpolation
         self.size = int(size)
         self.scales = np.array(scales, dtype=np.float64).reshape(2, 2)
         self.log_ratios = np.log(np.array(ratios, dtype=np.float64).reshape(2, 2))
@@ -162,6 +284,7 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
         key_address = self._key.ctypes.data
         scales, log_ratios = self.scales.copy(), self.log_ratios.copy()
         crop_box = official_crop_from_uniforms if self.crop_sampler == "official" else crop_from_uniforms
+        resize = resize_crop_c if self.interpolation == "area" else resize_crop_bicubic
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
@@ -185,7 +308,7 @@ class TwoCropDecoder(SimpleRGBImageDecoder):
                     top, left, h, w = crop_box(
                         u, int(height), int(width), scales[view, 0], scales[view, 1],
                         log_ratios[view, 0], log_ratios[view, 1])
-                    resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix, view])
+                    resize(image, top, top + h, left, left + w, destination[dst_ix, view])
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True

@@ -82,6 +82,17 @@ def decode_rgb(path: str) -> Image.Image:
         raise BadImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
 
 
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The box (top, left, h, w) of `image` resized to (size, size): (size, size, 3) uint8, bicubic.
+
+    Crop, then resize (torchvision's resized_crop): resize(box=...) would also read pixels outside
+    the box at its edges. Pillow's bicubic widens its support when shrinking (antialiased).
+    """
+    top, left, h, w = box
+    crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(crop)
+
+
 class TwoCropFolder(Dataset):
     """Images of an ImageFolder, each returned as two random resized crops (uint8) and a label.
 
@@ -123,11 +134,8 @@ class TwoCropFolder(Dataset):
             top, left, h, w = sample_crop(
                 rng, image.height, image.width, policy.crop_scale, policy.crop_ratio, self.crop_sampler
             )
-            size = (policy.crop_size, policy.crop_size)
-            # crop, then resize (torchvision's resized_crop): resize(box=...) would also read
-            # pixels outside the box at its edges
-            crop = image.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
-            views.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous())
+            crop = resized_crop(image, (top, left, h, w), policy.crop_size)
+            views.append(torch.from_numpy(crop).permute(2, 0, 1).contiguous())
         return views[0], views[1], label
 
     def _load(self, index: int) -> tuple[Image.Image, int]:

@@ -39,6 +39,7 @@ class TwoViewLoader(Protocol):
 class FFCVOptions:
     order: str = "random"  # random | quasi_random (for datasets larger than RAM)
     os_cache: bool = True  # True: memory-map the file (page cache); False: FFCV process cache
+    interpolation: str = "cubic"  # crop resize: cubic (Pillow's antialiased bicubic, the folder backend's pixels) / area (OpenCV INTER_AREA: faster, nearest-like when enlarging)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class DataConfig:
             raise ValueError(f"data.synthetic_steps = {self.synthetic_steps}: expected >= 1")
         if self.ffcv.order not in ("random", "quasi_random"):
             raise ValueError(f"data.ffcv.order = {self.ffcv.order!r}: expected random or quasi_random")
+        if self.ffcv.interpolation not in ("cubic", "area"):
+            raise ValueError(f"data.ffcv.interpolation = {self.ffcv.interpolation!r}: expected cubic or area")
         if self.dali.decode not in ("once", "roi"):
             raise ValueError(f"data.dali.decode = {self.dali.decode!r}: expected once or roi")
         if self.dali.device not in ("auto", "gpu", "cpu"):

@@ -125,7 +125,7 @@ def test_convert_help_names_the_class_map_it_writes(capsys):
 
 
 def test_eval_finds_the_runs_data_from_another_directory(tmp_path, monkeypatch, one_thread):
-    from fastbyol.evaluate import load_encoder
+    from fastbyol.export import load_encoder
     from pipelines.demo import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path / "data", num_classes=2, images_per_class=4, size=24)

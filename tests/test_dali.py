@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import AugmentConfig, DataConfig, ViewPolicy
+from pipelines import AugmentConfig, DataConfig, ViewPolicy, gpu_augment
 from pipelines.policy import GRAY_WEIGHTS
 
 S = 16  # view side: tiny images keep every test fast
@@ -353,7 +353,6 @@ def test_dali_and_gpu_augment_agree_on_the_same_images(tmp_path):
     """The full T' policy (crop pinned) on one image through both backends: the distributions
     of per-view statistics agree (two-sample KS at the 0.1% level) and the rates match."""
     pytest.importorskip("nvidia.dali")
-    gpu_augment = pytest.importorskip("pipelines.gpu_augment")
     rng = np.random.default_rng(4)
     img = np.clip(gradient() + rng.integers(-40, 40, (S, S, 3)), 0, 255).astype(np.uint8)
     policy = replace(AugmentConfig().view2, crop_size=S, crop_scale=(1.0, 1.0),
@@ -387,7 +386,6 @@ def test_jitter_order_is_random_per_image_as_in_gpu_augment(tmp_path):
     white first and changes it. The share of images keeping the ratio (about 0.2 for a random
     order, 0 or about 0.4 for a fixed one) must match the torch path's."""
     pytest.importorskip("nvidia.dali")
-    gpu_augment = pytest.importorskip("pipelines.gpu_augment")
     img = np.zeros((S, S, 3), np.uint8)
     img[:, 5:11], img[:, 11:] = 128, 255
     policy = only(jitter_p=1.0, brightness=0.05, contrast=0.4)

@@ -14,8 +14,9 @@ from PIL import Image
 
 from fastbyol import cli
 from fastbyol.config import load_config
-from fastbyol.evaluate import (EvalData, center_view, extract_features, finetune, knn_accuracy, label_subset,
-                               labeled_pair, eval_resize)
+from fastbyol.finetune import finetune
+from fastbyol.knn import extract_features, knn_accuracy
+from pipelines.labelled import EvalData, EvalImages, center_view, eval_resize, label_subset, labeled_pair
 from fastbyol.metrics import read_metrics
 from fastbyol.models.resnet import resnet
 from fastbyol.train import train
@@ -133,13 +134,13 @@ def test_extract_features_order_normalization_mode_and_global_rng(color_folders)
     torch.manual_seed(0)
     encoder = resnet(18, stem="cifar").train()
     rng_before = torch.get_rng_state()
-    feats, ys = extract_features(encoder, paths, labels, image_size=16, batch_size=7, num_workers=0)
+    feats, ys = extract_features(encoder, paths, labels, EvalImages(16, batch_size=7, num_workers=0))
     assert torch.equal(torch.get_rng_state(), rng_before)  # the kNN monitor must not shift training's RNG
     assert encoder.training  # mode restored
     assert feats.shape == (len(paths), encoder.num_features) and ys.tolist() == labels
     assert torch.allclose(feats.norm(dim=1), torch.ones(len(paths)), atol=1e-5)
     # each row is the encoding of its own image, whatever the batching
-    one, _ = extract_features(encoder, paths[5:6], labels[5:6], image_size=16, batch_size=1, num_workers=0)
+    one, _ = extract_features(encoder, paths[5:6], labels[5:6], EvalImages(16, batch_size=1, num_workers=0))
     assert torch.allclose(feats[5], one[0], atol=1e-5)
 
 

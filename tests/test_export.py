@@ -10,8 +10,7 @@ import torch
 
 from fastbyol import checkpoint, cli
 from fastbyol.config import dump_yaml, load_config
-from fastbyol.evaluate import load_encoder
-from fastbyol.export import build_encoder, encoder_state, export_encoder, infer_architecture
+from fastbyol.export import build_encoder, encoder_state, export_encoder, infer_architecture, load_encoder
 from fastbyol.models.resnet import STAGES, resnet
 from fastbyol.train import build_model
 

@@ -181,6 +181,38 @@ def test_dali_parts_are_joined_only_when_complete_and_intact(tmp_path):
     assert "no " in gpu_suite._joined_dali(tmp_path / "nothing", tmp_path / "into4")["status"]
 
 
+def _wheel(folder: Path, name: str, tag: str) -> Path:
+    """A minimal real wheel: one module `name` that sets VALUE = name."""
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": f"VALUE = {name!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-1.0-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_install_targets_a_folder_and_one_refused_wheel_spares_the_others(tmp_path):
+    house = tmp_path / "house"
+    house.mkdir()
+    _wheel(house, "alpha", "py3-none-any")
+    _wheel(house, "omega", "cp27-cp27m-win32")  # no Python here can install it
+    _wheel(house, "fastbyol", "py3-none-any")  # fastbyol runs from the tree, never from the wheelhouse
+    site = tmp_path / "work" / "site"
+    result = gpu_suite.install(house, tmp_path / "no-parts", site)
+    assert result["wheels"] == ["alpha-1.0-py3-none-any.whl"]
+    assert list(result["failed"]) == ["omega-1.0-cp27-cp27m-win32.whl"]
+    assert "not a supported wheel" in result["failed"]["omega-1.0-cp27-cp27m-win32.whl"]
+    assert (site / "alpha.py").read_text() == "VALUE = 'alpha'\n"
+    assert not (site / "omega.py").exists() and not (site / "fastbyol.py").exists()
+    assert result["dali"].startswith("not installed: no ")
+
+
 def test_the_newest_record_of_a_stage_wins(tmp_path):
     results = tmp_path / "results.jsonl"
     rows = [{"run": "a", "stage": "dali", "status": "ok", "result": {"skipped": "x"}},

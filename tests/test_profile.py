@@ -178,7 +178,7 @@ def test_knobs_mark_what_the_config_already_uses(config):
     cfg = load_config(config, ["model.compile=true", "train.precision=bf16", "byol.concat_views=false"])
     model_side = {k["key"]: k["already"] for k in knobs(cfg, "model-bound", device=torch.device("cuda"))}
     assert model_side == {"model.channels_last": False, "train.precision": True, "model.compile": True,
-                          "data.batch_size": None, "byol.concat_views": False}
+                          "model.compile_mode": False, "data.batch_size": None, "byol.concat_views": False}
     # on a CPU, NHWC and bf16 are not advised (bf16 autocast is far slower than fp32 there)
     cpu_side = {k["key"] for k in knobs(cfg, "model-bound", device=torch.device("cpu"))}
     assert cpu_side == {"model.compile", "data.batch_size", "byol.concat_views"}

@@ -124,7 +124,7 @@ def test_rerunning_a_finished_run_says_so_and_touches_nothing(tiny, capsys):
 
 
 def test_force_with_a_changed_model_starts_a_new_run_and_keeps_the_old_one(tiny, capsys):
-    from fastbyol.evaluate import load_encoder
+    from fastbyol.export import load_encoder
 
     run = tiny.parent / "run"
     assert main(["train", str(tiny), "train.max_steps=2"]) == 0

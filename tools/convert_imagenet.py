@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert an ImageNet root (train/ and val/) to two .beton files, val with train's class map.
 
-    python tools/convert_imagenet.py /data/imagenet /data/betons --max-res 256
+    python tools/convert_imagenet.py /data/imagenet /data/betons
     -> /data/betons/imagenet_train.beton (+ .classes.json), /data/betons/imagenet_val.beton
 
 ROOT/train holds one folder per synset; ROOT/val holds either synset folders or the flat
