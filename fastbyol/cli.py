@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from fastbyol.config import ConfigError
 
@@ -14,7 +15,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
-    from fastbyol.dist import launcher_env
+    from fastbyol.dist import RankLost, launcher_env
     from fastbyol.train import Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
@@ -25,6 +26,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, force=args.force)
     except Interrupted:
         return 130
+    except RankLost as e:
+        print_error(e)
+        return 1
     if launcher_env().is_main:
         for line in summary_lines(summary):
             err.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -183,14 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a user needs from a bad-input exception. An exception re-raised from a
+    DataLoader worker carries the worker's traceback in its message: its last line is the error."""
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def print_error(e: BaseException) -> None:
+    # the message is data, not markup: "[...]" in it (a path, a list) is printed as written
+    err.print(f"[red]error:[/red] {escape(error_line(e))}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a rank was lost (named in one line), 2 bad input (named in one line),
+    130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    # Bad input (ConfigError is a ValueError; missing files) and missing optional backends: their
-    # messages name the key, the path or the package to install, so a traceback adds nothing.
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}")
+    # Bad input (ConfigError is a ValueError; missing, unreadable or corrupt files) and missing
+    # optional backends: their messages name the key, the path or the package to install, so a
+    # traceback adds nothing.
+    except (ValueError, OSError, ImportError) as e:
+        print_error(e)
         return 2
 
 

@@ -112,6 +112,7 @@ class DistConfig:
     bucket_cap_mb: int = at_least(25, 1)  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
     gradient_as_bucket_view: bool = False  # DDP grads are views into the all-reduce buckets (no copy, less memory)
+    timeout_s: float = param(1800.0, lambda v: v > 0, "a positive number of seconds")  # seconds a collective waits for every rank; then each rank exits naming the lost ones
 
     def validate(self) -> None:
         check_fields(self, "dist")
