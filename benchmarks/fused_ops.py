@@ -25,11 +25,87 @@ from typing import Callable
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from fastbyol.byol import BYOL, param_groups
 from fastbyol.ema import TargetEMA
 from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS
+
+
+# ---------------------------------------------------------------- the flat-buffer EMA variant
+
+# Offsets of the views in a flat buffer are multiples of this many elements (256 bytes for fp32),
+# so every parameter starts where a fresh allocation would: vector loads and cuDNN stay aligned.
+_ALIGN = 64
+
+
+class FlatEMA:
+    """TargetEMA's update as one ``lerp_`` over one flat buffer per network.
+
+    The parameters of both networks are re-homed as views into one contiguous buffer each (see
+    ``flatten_``); build it AFTER any ``.to(device)`` / ``.to(memory_format=...)`` of the modules
+    (those replace ``param.data`` and would cut the views): ``update`` checks this and raises.
+    """
+
+    def __init__(self, ema: TargetEMA) -> None:
+        self.ema = ema
+        self.online_flat = flatten_(ema.online)
+        # The target takes the online layout (strides) too, so both flat buffers line up element by element.
+        self.target_flat = flatten_(ema.target, like=ema.online)
+
+    @torch.no_grad()
+    def update(self, tau: float) -> None:
+        """xi <- tau * xi + (1 - tau) * theta, as TargetEMA.update, in one kernel."""
+        for params, flat in ((self.ema.online, self.online_flat), (self.ema.target, self.target_flat)):
+            storage = flat.untyped_storage().data_ptr()
+            if any(p.untyped_storage().data_ptr() != storage for p in params):
+                raise RuntimeError(
+                    "FlatEMA: a parameter no longer lives in the flat buffer (its .data was replaced, "
+                    "e.g. by .to(), .cuda() or .to(memory_format=...) after FlatEMA was built); "
+                    "build FlatEMA after moving the modules"
+                )
+        self.target_flat.lerp_(self.online_flat, 1.0 - tau)
+        if self.ema.target_counters:
+            torch._foreach_copy_(self.ema.target_counters, self.ema.online_counters)
+
+
+def flatten_(params: list[nn.Parameter], like: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Re-home `params` as views into one new contiguous 1-D buffer, which is returned.
+
+    Each ``p.data`` becomes a view of the buffer with the strides of ``like[i]`` (default: of p
+    itself, so a channels_last weight stays channels_last), starting at an offset aligned to 64
+    elements. The Parameter objects stay the same, so optimizers, hooks and DDP that hold them are
+    unaffected; gradients stay separate tensors. All params must share one device and dtype.
+    Shape: the buffer has sum of (numel rounded up to 64) elements; padding is zeros.
+    """
+    like = params if like is None else like
+    if not params:
+        return torch.zeros(0)
+    device, dtype = params[0].device, params[0].dtype
+    offsets, total = [], 0
+    for i, (p, ref) in enumerate(zip(params, like)):
+        if p.device != device or p.dtype != dtype:
+            raise ValueError(f"flatten_: parameter {i} is {p.dtype} on {p.device}, expected {dtype} on {device}")
+        if p.shape != ref.shape:
+            raise ValueError(f"flatten_: parameter {i} has shape {tuple(p.shape)}, expected {tuple(ref.shape)}")
+        offsets.append(total)
+        total += -(-p.numel() // _ALIGN) * _ALIGN
+    flat = torch.zeros(total, device=device, dtype=dtype)
+    with torch.no_grad():
+        for p, ref, offset in zip(params, like, offsets):
+            view = flat.as_strided(p.shape, _dense_strides(ref), offset)
+            view.copy_(p)
+            p.data = view
+    return flat
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides if they describe a dense layout of exactly numel elements, else contiguous ones."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
+
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
@@ -73,7 +149,7 @@ def measure(device: torch.device, repeats: int, warmup: int, depth: int = 50, wi
         "foreach": LARS(groups, lr=0.2, momentum=0.9, eta=1e-3, foreach=True),
     }
     ema_foreach = TargetEMA(byol.online_network(), byol.target_network())
-    ema_flat = TargetEMA(byol_flat.online_network(), byol_flat.target_network(), flat=True)
+    ema_flat = FlatEMA(TargetEMA(byol_flat.online_network(), byol_flat.target_network()))
     ema = {
         "per-param loop": lambda: per_param_ema(ema_foreach.target, ema_foreach.online, 0.996),
         "foreach": lambda: ema_foreach.update(0.996),

@@ -4,4 +4,5 @@ import sys
 
 from fastbyol.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # DALI's spawned source workers import this module again
+    sys.exit(main())

@@ -1,8 +1,10 @@
 """Checkpoints: one plain dict, written atomically, the newest K kept, resumed from the newest.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
-over its final name: a crash or a kill mid-write leaves at most a stray `.tmp` file, never a
-half-written checkpoint under a real name. Loading takes the newest checkpoint that loads.
+Every file of a run directory (checkpoints, encoder.pt, config.yaml, the truncated metrics.jsonl)
+is written to a temporary file in the same directory, flushed to disk, then renamed over its final
+name: a crash or a kill mid-write leaves at most a stray `.NAME.*.tmp` file, never a half-written
+file under a real name, and the next start removes the strays. Loading takes the newest checkpoint
+that loads.
 """
 
 from __future__ import annotations
@@ -12,27 +14,48 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{9})\.pt$")
+TEMP_RE = re.compile(r"^\..+\.\w+\.tmp$")  # what atomic_write leaves behind when killed mid-write
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(f)` on a temporary file and rename it over `path`: `path` is either the old file
+    or the complete new one, whenever the process dies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temp(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in `run_dir`; returns them.
+    Call only when no other process writes into `run_dir`."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.iterdir() if TEMP_RE.match(p.name) and p.is_file()] if run_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -45,14 +68,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if CHECKPOINT_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
 
 
 def save_checkpoint(state: dict, run_dir: Path, step: int, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step` and delete all but the newest `keep`."""
+    """Write `state` as the checkpoint of `step`; delete the older ones beyond the newest `keep`.
+
+    Only checkpoints of earlier steps are pruned: the one just written is never deleted, whatever
+    else the directory holds."""
     path = checkpoint_path(run_dir, step)
     atomic_save(state, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return path
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from fastbyol.config import ConfigError
 
@@ -14,7 +15,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import load_config
-    from fastbyol.dist import launcher_env
+    from fastbyol.dist import RankLost, launcher_env
     from fastbyol.train import Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
@@ -25,6 +26,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, force=args.force)
     except Interrupted:
         return 130
+    except RankLost as e:
+        print_error(e)
+        return 1
     if launcher_env().is_main:
         for line in summary_lines(summary):
             err.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -110,6 +114,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
+    from fastbyol.config import EvalConfig
+    from fastbyol.models.resnet import STEMS
+
+    defaults = EvalConfig()  # the eval section of a training config: one set of defaults for both
     p = sub.add_parser("eval", help="kNN, linear or fine-tuning evaluation of a pretrained encoder")
     protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     helps = {"knn": "weighted kNN (cosine, exp(sim/T) votes) on frozen features",
@@ -121,20 +129,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--train", help="labeled ImageFolder to train on / the kNN bank (default: the run's eval.train_path)")
         q.add_argument("--val", help="labeled ImageFolder to test on (default: the run's eval.val_path)")
         q.add_argument("--image-size", type=int, default=0, help="test crop size (default: the run's, else 224)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per batch")
-        q.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        q.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per batch")
+        q.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image decoding workers")
         q.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
         q.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
         q.add_argument("--depth", type=int, help="ResNet depth (default: the run's, else read from the weights)")
         q.add_argument("--width", type=int, help="width multiplier (default: the run's, else read from the weights)")
-        q.add_argument("--stem", choices=("imagenet", "cifar"), help="stem (default: the run's, else from the weights)")
+        q.add_argument("--stem", choices=STEMS, help="stem (default: the run's, else from the weights)")
         q.add_argument("--random-init", action="store_true",
                        help="ignore the weights: the same encoder as initialised by the run's seed (the baseline)")
         q.add_argument("--out", type=Path, help="result JSON (default: RUN_DIR/eval_<protocol>.json)")
         q.set_defaults(func=_eval)
         if name == "knn":
-            q.add_argument("--k", type=int, default=20, help="neighbours per vote")
-            q.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / temperature)")
+            q.add_argument("--k", type=int, default=defaults.k, help="neighbours per vote")
+            q.add_argument("--temperature", type=float, default=defaults.temperature,
+                           help="vote weight exp(cosine / temperature)")
             continue
         q.add_argument("--epochs", type=int, default=80 if name == "linear" else 30)
         q.add_argument("--lr", type=float, help="peak lr, cosine-decayed to 0 (default: "
@@ -178,14 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a user needs from a bad-input exception. An exception re-raised from a
+    DataLoader worker carries the worker's traceback in its message: its last line is the error."""
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def print_error(e: BaseException) -> None:
+    # the message is data, not markup: "[...]" in it (a path, a list) is printed as written
+    err.print(f"[red]error:[/red] {escape(error_line(e))}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a rank was lost (named in one line), 2 bad input (named in one line),
+    130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    # Bad input (ConfigError is a ValueError; missing files) and missing optional backends: their
-    # messages name the key, the path or the package to install, so a traceback adds nothing.
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}")
+    # Bad input (ConfigError is a ValueError; missing, unreadable or corrupt files) and missing
+    # optional backends: their messages name the key, the path or the package to install, so a
+    # traceback adds nothing.
+    except (ValueError, OSError, ImportError) as e:
+        print_error(e)
         return 2
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from fastbyol.models.resnet import STAGES, STEMS, WIDTHS
 from pipelines.loader import DataConfig
 from pipelines.policy import AugmentConfig
 
@@ -28,6 +29,12 @@ class ConfigError(ValueError):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def _or(choices: Any) -> str:
+    """'18, 34, 50 or 101' from the choices (a tuple, or a dict's keys)."""
+    words = [str(c) for c in choices]
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
 
 
 @dataclass
@@ -45,12 +52,12 @@ class ModelConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
     def validate(self) -> None:
-        if self.depth not in (18, 34, 50, 101, 152, 200):
-            raise ConfigError(f"model.depth = {self.depth}: expected 18, 34, 50, 101, 152 or 200")
-        if self.width not in (1, 2, 4):
-            raise ConfigError(f"model.width = {self.width}: expected 1, 2 or 4")
-        if self.stem not in ("imagenet", "cifar"):
-            raise ConfigError(f"model.stem = {self.stem!r}: expected imagenet or cifar")
+        if self.depth not in STAGES:
+            raise ConfigError(f"model.depth = {self.depth}: expected {_or(STAGES)}")
+        if self.width not in WIDTHS:
+            raise ConfigError(f"model.width = {self.width}: expected {_or(WIDTHS)}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"model.stem = {self.stem!r}: expected {_or(STEMS)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"model.compile_mode = {self.compile_mode!r}: expected {', '.join(COMPILE_MODES)}")
 
@@ -147,10 +154,13 @@ class DistConfig:
     bucket_cap_mb: int = 25  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
     gradient_as_bucket_view: bool = False  # DDP grads are views into the all-reduce buckets (no copy, less memory)
+    timeout_s: float = 1800.0  # seconds a collective waits for every rank; then each rank exits naming the lost ones
 
     def validate(self) -> None:
         if self.bucket_cap_mb < 1:
             raise ConfigError(f"dist.bucket_cap_mb = {self.bucket_cap_mb}: expected >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"dist.timeout_s = {self.timeout_s}: expected a positive number of seconds")
 
 
 @dataclass

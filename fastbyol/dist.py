@@ -11,8 +11,10 @@ the identity in a single process.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
+import time
 from dataclasses import dataclass
 import math
 from typing import MutableMapping
@@ -146,15 +148,62 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Read the launcher, pick this process's device, and join the process group if world > 1."""
+def init(device_name: str = "auto", timeout_s: float | None = None) -> tuple[DistInfo, torch.device]:
+    """Read the launcher, pick this process's device, and join the process group if world > 1.
+    `timeout_s`: how long a collective waits for every rank before it fails (torch's default if None)."""
     info = launcher_env()
     device = resolve_device(device_name, info.local_rank)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **timeout)
     return info, device
+
+
+class RankLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering; the message names it."""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed for want of a peer (gloo: connection reset or closed,
+    timeout; NCCL: DistBackendError), not an error of this rank's own computation."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+
+
+def lost_ranks(grace_s: float) -> list[int]:
+    """After a failed collective: the ranks that do not check in within `grace_s` seconds.
+
+    Every rank that is still alive sees the failure and checks in through the rendezvous store;
+    the others are the lost ones. If the store itself is gone, so is the rank hosting it (rank 0,
+    unless torchrun's agent hosts it).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        store.set(f"fastbyol/alive/{rank}", "1")
+    except Exception:  # noqa: BLE001 - any store failure means its host is gone
+        return [0]
+    lost, deadline = [], time.monotonic() + grace_s
+    for other in range(world):
+        if other == rank:
+            continue
+        try:
+            store.wait([f"fastbyol/alive/{other}"], datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
+        except Exception:  # noqa: BLE001 - timed out (the rank is gone) or the store is gone
+            lost.append(other)
+    return lost
+
+
+def name_lost_ranks(e: BaseException, grace_s: float, where: str) -> RankLost:
+    """The one-line error of a failed collective: which ranks were lost, and what still holds."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lost = lost_ranks(grace_s)
+    who = f"rank(s) {', '.join(map(str, lost))} of {world}" if lost else "another rank"
+    first = " ".join(str(e).split())[:200]
+    return RankLost(f"rank {rank}: lost {who} in a collective ({first}); {where}")
 
 
 def shutdown() -> None:
@@ -230,10 +279,28 @@ def gather_floats(values: list[float], device: torch.device) -> list[list[float]
     return [t.tolist() for t in every]
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s Python object on every rank (identity in a single process): one rank decides."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's Python object, in rank order (a one-element list in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "any_rank", "barrier", "first_host", "gather_floats",
-           "gather_rows", "init", "launcher_env", "rank_and_world", "resolve_device", "shutdown"]
+__all__ = ["DistInfo", "RankLost", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "any_rank", "barrier",
+           "broadcast_object", "first_host", "gather_floats", "gather_rows", "init", "is_collective_failure", "launcher_env", "lost_ranks", "name_lost_ranks", "rank_and_world", "resolve_device", "shutdown"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import sys
 import time
@@ -21,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 
 import pipelines
-from fastbyol import checkpoint, dist
+from fastbyol import checkpoint, dist, rundir
 from fastbyol.byol import BYOL, BYOLOutput, param_groups
-from fastbyol.config import Config, ConfigError, dump_yaml, to_dict
+from fastbyol.config import Config, to_dict
 from fastbyol.ema import TargetEMA
 from fastbyol.knn import KNNMonitor
 from fastbyol.export import online_encoder_state
@@ -38,12 +35,6 @@ from fastbyol.models.resnet import resnet
 from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
 from fastbyol.optim import LARS, RunPlan
 from fastbyol.utilization import peak_flops, step_flops_per_image
-
-# Keys that may differ between a run directory's config and the config resuming it: they change
-# how a run is watched or fed, never what it computes.
-RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "data.prefetch", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.device")
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
@@ -126,32 +117,6 @@ def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: floa
     return out
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
-    """Write config.yaml; refuse a directory that holds a different run unless `force`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.exists() and not force:
-        old = _flatten(yaml.safe_load(path.read_text()) or {})
-        new = _flatten(to_dict(cfg))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
-        if changed:
-            listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ConfigError(f"run directory {run_dir} holds a different run ({listing}); "
-                              f"choose another train.run_dir, or pass --force to overwrite its config")
-    path.write_text(dump_yaml(cfg))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints and stops at the next step boundary."""
 
@@ -175,21 +140,20 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) the training of `cfg`; returns a summary dict (steps, final loss, images/sec).
 
     `step_hook(step)` is called after every step (tests use it to interrupt a run).
     """
-    info, device = dist.init(cfg.train.device)
+    info, device = dist.init(cfg.train.device, cfg.dist.timeout_s)
     try:
         return _train(cfg, info, device, force, step_hook)
+    except RuntimeError as e:
+        if not dist.is_collective_failure(e):
+            raise
+        where = (f"the newest checkpoint in {cfg.train.run_dir} is whole: run the same command again to resume "
+                 f"from it")
+        raise dist.name_lost_ranks(e, min(10.0, cfg.dist.timeout_s), where) from e
     finally:
         dist.shutdown()
 
@@ -218,10 +182,9 @@ class KNNHook:
 def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
            step_hook: Callable[[int], None] | None) -> dict:
     cfg.validate(info.world_size)
+    rundir.absolute_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
-    if info.is_main:
-        prepare_run_dir(cfg, run_dir, force)
-    dist.barrier()
+    fresh = rundir.decide_fresh(cfg, run_dir, force, info)  # nothing is written before data and checkpoint are good
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
@@ -239,15 +202,23 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         f"from {cfg.data.path}")
 
     step = 0
-    state = checkpoint.load_latest(run_dir, map_location=device) if cfg.train.resume == "auto" else None
+    state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
     if state is not None:
+        step = state["step"]
+        if step >= plan.total_steps:  # a finished run: report it; only finish what a kill cut short
+            notes = rundir.finish_complete(run_dir, state) if info.is_main else []
+            return {"steps": step, "total_steps": plan.total_steps, "already_complete": True, "run_dir": str(run_dir),
+                    "notes": notes}
         c.byol.load_state_dict(state["model"])
         c.optimizer.load_state_dict(state["optimizer"])
         if c.scaler is not None and state.get("scaler"):
             c.scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+    messages = rundir.begin(cfg, run_dir, fresh, step) if info.is_main else []
+    dist.barrier()
 
     monitor = RunMonitor(run_dir, plan.total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
+    for text in messages:
+        monitor.message(text)
     if state is not None:
         monitor.message(f"resumed from {state['path']} at step {step}")
     knn = KNNHook(cfg, plan)
@@ -263,7 +234,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                 "model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
                 "scaler": c.scaler.state_dict() if c.scaler is not None else None,
                 "step": step, "epoch": plan.epoch(step), "config": to_dict(cfg),
-                "world_size": info.world_size, "rng": _rng_state(),
+                "world_size": info.world_size,
             }, run_dir, step, cfg.train.keep_checkpoints)
         dist.barrier()
 
@@ -312,9 +283,10 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     elapsed = time.perf_counter() - start_time
     summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
-               "wall_time_s": elapsed, "run_dir": str(run_dir), "knn": knn_end, **_where_time_went(window, record)}
+               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False,
+               "knn": knn_end, **_where_time_went(window, record)}
     if info.is_main:
-        torch.save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
+        checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return summary
@@ -347,9 +319,16 @@ def _where_time_went(window: MetricWindow, last: dict) -> dict:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """What `fastbyol train` prints at the end: totals, where the time went, and the verdict."""
-    lines = [f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-             f"{summary['mean_images_per_sec']:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
+    """What `fastbyol train` prints at the end: totals, where the time went, and the verdict; or,
+    for a run that was complete already, that nothing was done."""
+    if summary.get("already_complete"):
+        return [*summary["notes"],
+                f"run directory {summary['run_dir']} holds a complete run ({summary['steps']} steps of "
+                f"{summary['total_steps']}); nothing to do. Raise train.epochs (or train.max_steps) to continue it, "
+                "or pass --no-resume to start afresh"]
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    lines = [f"done: {summary['steps']} steps, final loss {loss}, "
+             f"{summary['mean_images_per_sec'] or 0:.1f} images/sec, {summary['wall_time_s']:.0f} s; "
              f"run directory {summary['run_dir']}"]
     if "verdict" in summary:
         lines.append(f"time: {time_figures(summary)}")

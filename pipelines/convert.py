@@ -1,7 +1,7 @@
 """ImageNet / ImageFolder tree -> FFCV .beton (`fastbyol convert SRC OUT.beton`).
 
 The .beton holds two fields, `image` (ffcv RGBImageField) and `label` (ffcv IntField), one
-sample per source image in class order. Next to it, OUT.classes.json maps each class name
+sample per source image in class order. Next to it, X.classes.json (for X.beton) maps each class name
 (ImageNet synset) to its label, so that val can be written with train's mapping (`class_map=`).
 
 Layouts read:
@@ -86,7 +86,7 @@ class ConvertSummary:
 
 
 def class_map_path(out: str | os.PathLike) -> Path:
-    """OUT.beton -> OUT.classes.json (any other name: OUT + .classes.json)."""
+    """X.beton -> X.classes.json (a name not ending in .beton: NAME -> NAME.classes.json)."""
     out = Path(out)
     stem = out.name[: -len(".beton")] if out.name.endswith(".beton") else out.name
     return out.with_name(stem + ".classes.json")
@@ -514,7 +514,8 @@ def convert(
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fastbyol convert SRC OUT.beton` (and tools/convert_imagenet.py)."""
     parser.add_argument("src", help="ImageFolder root, ImageNet train/ or val/ folder")
-    parser.add_argument("out", help="the .beton to write (its class map goes to OUT.classes.json)")
+    parser.add_argument("out", help="the .beton to write, e.g. train.beton (its class map goes next to it: "
+                                    "train.classes.json)")
     add_writer_arguments(parser)
     parser.add_argument("--class-map", default=None, metavar="JSON",
                         help="class name -> index map to use (e.g. train's .classes.json for val)")
@@ -560,14 +561,18 @@ def writer_options(args: argparse.Namespace) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Run `fastbyol convert` from parsed arguments; 0 on success, 1 on an error, 130 on Ctrl-C."""
+    """Run `fastbyol convert` from parsed arguments; 0 on success, 2 on bad input (as `fastbyol train`),
+    1 when a worker process died, 130 on Ctrl-C."""
     try:
         summary = convert(args.src, args.out, class_map=args.class_map,
                           val_labels=args.val_labels, **writer_options(args))
     except KeyboardInterrupt:
         print(f"fastbyol convert: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
-    except (OSError, ValueError, ImportError, RuntimeError) as err:
+    except (OSError, ValueError, ImportError) as err:  # bad input: the same exit code as `fastbyol train`
+        print(f"fastbyol convert: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a worker died
         print(f"fastbyol convert: error: {err}", file=sys.stderr)
         return 1
     print(summary.report())

@@ -1,7 +1,7 @@
 """The DALI backend (`data.backend: dali`): read, decode and make both views inside DALI.
 
-One DALI pipeline per rank and epoch: file reader → JPEG decode ("mixed" = nvJPEG / the hardware
-decoder on a GPU, "cpu" otherwise) → two random resized crops → per view, all as DALI operators:
+One DALI pipeline per rank and epoch: external source (files + per-sample draws) → JPEG decode ("mixed" = nvJPEG / the hardware
+decoder on a GPU, "cpu" otherwise) → two crops resized → per view, all as DALI operators:
 color jitter, grayscale, Gaussian blur, solarize, then flip + normalization fused in
 crop_mirror_normalize. Every parameter comes from the view policies (pipelines/policy.py), with
 the official BYOL semantics of DESIGN.md, so one config means the same augmentation here and in
@@ -26,28 +26,29 @@ Deviations from the torch path (tests/test_dali.py checks the rest against it):
 - The flip is applied last (in crop_mirror_normalize) instead of first. Every later op is
   pixel-wise, uses per-channel global means or a symmetric kernel with symmetric zero padding,
   so it commutes with a horizontal flip: the output distribution is identical.
-- The crops come from DALI's random_resized_crop / ROI decoder (area ~ U[scale], aspect ratio
-  log-uniform, 10 attempts), cubic with antialiasing; the fallback after 10 failed attempts and
-  the resampling filter differ in detail from PIL's bicubic in pipelines/folder.py.
+- The crop boxes are pipelines/folder.py's (pipelines.crops.sample_crop, the same key); DALI
+  slices (decode once) or ROI-decodes (decode roi) the box and resizes it cubic with
+  antialiasing, which differs in detail from PIL's bicubic.
 - No final clip: every op above already maps [0, 1] into [0, 1], so it would be a no-op.
 - Cost: DALI fuses no arithmetic (one operator per +, *, ...), and its CPU arithmetic runs at
   ~1-2 ns per element, so the exact hue (~40 operators) is about half of the CPU augmentation
   time. On a GPU each operator is one small kernel. fn.hsv would be one operator, but in YIQ.
-- A corrupt image stops the pipeline with DALI's error naming the file, whatever
-  data.on_bad_image says (DALI has no per-sample skip).
+- DALI has no per-sample skip and stops at a file it cannot decode without naming it, so the
+  file list is verified first (pipelines.image_list: the converter's decode check, cached by
+  size and mtime): data.on_bad_image skip drops a bad file by path, error names it.
 
-Order and sharding are done here, not by DALI's reader: each epoch is the permutation
-numpy_rng(seed, epoch) of all images cut into global batches, rank r taking the r-th slice of
-each (the scheme of pipelines/folder.py, so both backends see the same images at every step).
-The reader gets this rank's list for the epoch with random_shuffle off. That gives a true global
-shuffle every epoch (DALI's random_shuffle only mixes a 1024-sample buffer inside a fixed
-shard), the same number of steps on every rank, and a free resume: `epoch(e, start_step)` just
-starts the list at step start_step, nothing is decoded to skip. The cost is one pipeline build
-per epoch (well under a second). The augmentation draws come from DALI's RNG seeded with
-derive_seed(seed, epoch, rank, start_step): a run resumed mid-epoch sees exactly the same
-images in the same batches, but different (identically distributed) random crops and colors
-than the uninterrupted run would have — DALI's operator RNG cannot jump ahead without
-running every skipped batch.
+Order and sharding are done here (pipelines.loader.LoaderPlan, the rule of the folder and ffcv
+backends): each epoch is a permutation numpy_rng(seed, epoch) of all images cut into global
+batches, rank r taking the r-th slice of each. The pipeline reads through one external_source
+(EpochSource) instead of fn.readers.file: per step it hands DALI the encoded files of this rank's
+batch, their labels, and every per-sample random parameter of both views — crop box, flip,
+jitter coin, factors and order, grayscale coin, blur coin and σ, solarize coin — drawn from
+numpy_rng(seed, epoch, index, view) (`view_draws`). No DALI operator draws a random number. So a
+view is a function of (seed, epoch, image, view) alone: a run resumed mid-epoch
+(`epoch(e, start_step)` starts the batch list at that step, nothing is decoded to skip) sees
+exactly the views of the uninterrupted run, and an image's views do not depend on the rank or
+the world size. One pipeline is built per epoch (well under a second). The cost of drawing in
+Python (one numpy Generator per image and view, and the file read) is measured in the README.
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ import numpy as np
 import torch
 
 from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
+from pipelines.crops import sample_crop
+from pipelines.image_list import verify_images
 from pipelines.policy import GRAY_WEIGHTS, AugmentConfig, ViewPolicy
-from pipelines.seeding import derive_seed
+from pipelines.seeding import derive_seed, numpy_rng
 
 INSTALL_HINT = (
     "pip install nvidia-dali-cuda130 (CUDA 13 driver) or nvidia-dali-cuda120 (CUDA 12 driver); "
     "the CPU operators of either run without a GPU"
 )
-READER = "Reader"  # the file reader's name, for the iterator's epoch size
 PERMS = list(itertools.permutations(range(4)))  # 24 orders of (brightness, contrast, sat, hue)
 HUE_OFFSETS = (5.0, 3.0, 1.0)  # n_c of the hexcone formula for r, g, b
 # Preallocation for nvJPEG (NVIDIA's ImageNet examples): avoids reallocations in the first epochs.
@@ -141,20 +143,6 @@ def list_images(path: str) -> tuple[list[str], list[int]]:
 
 # ---- the DALI graph (traced by DALI's autograph: `if` on a DataNode is per-sample) ----------
 
-def _coin(p: float) -> Any:
-    from nvidia.dali import fn, types
-
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-
-def _uniform(lo: float, hi: float, dev: str) -> Any:
-    """One float per image ~ U[lo, hi], on the device of the images it will scale."""
-    from nvidia.dali import fn
-
-    u = fn.random.uniform(range=[lo, hi])
-    return u.gpu() if dev == "gpu" else u
-
-
 def _brightness(x: Any, delta: Any) -> Any:
     import nvidia.dali.math as dmath
 
@@ -206,33 +194,28 @@ def _hue(x: Any, delta: Any) -> Any:
     return v - rng * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
 
-def _jitter(x: Any, p: ViewPolicy, dev: str) -> Any:
-    """The four jitter ops in a random order per image, each followed by a clip."""
+def _jitter(x: Any, p: ViewPolicy, r: dict[str, Any]) -> Any:
+    """The four jitter ops in the per-image order r["perm"], each followed by a clip."""
     from nvidia.dali import fn, types
 
-    delta = _uniform(-p.brightness, p.brightness, dev)
-    contrast = _uniform(1.0 - p.contrast, 1.0 + p.contrast, dev)
-    saturation = _uniform(1.0 - p.saturation, 1.0 + p.saturation, dev)
-    hue = _uniform(-p.hue, p.hue, dev)
-    perm = fn.random.uniform(values=list(range(len(PERMS))), dtype=types.INT32)
     for slot in range(4):
         op = fn.lookup_table(
-            perm, keys=list(range(len(PERMS))), values=[order[slot] for order in PERMS],
+            r["perm"], keys=list(range(len(PERMS))), values=[order[slot] for order in PERMS],
             dtype=types.INT32,
         )
         # strength 0 is the identity (x is already in [0, 1]): no op, no branch
         if op == 0:
             if p.brightness > 0:
-                x = _brightness(x, delta)
+                x = _brightness(x, r["brightness"])
         elif op == 1:
             if p.contrast > 0:
-                x = _contrast(x, contrast)
+                x = _contrast(x, r["contrast"])
         elif op == 2:
             if p.saturation > 0:
-                x = _saturation(x, saturation)
+                x = _saturation(x, r["saturation"])
         else:
             if p.hue > 0:
-                x = _hue(x, hue)
+                x = _hue(x, r["hue"])
     return x
 
 
@@ -260,82 +243,159 @@ def _solarize(x: Any, threshold: float) -> Any:
     return x + (x >= threshold) * (1.0 - 2.0 * x)
 
 
-def _augment(crop: Any, p: ViewPolicy, mean: Sequence[float], std: Sequence[float], dev: str) -> Any:
-    """One view from a uint8 HWC crop: float HWC, normalized, flipped with p.flip_p."""
+def _augment(crop: Any, p: ViewPolicy, mean: Sequence[float], std: Sequence[float], r: dict[str, Any]) -> Any:
+    """One view from a uint8 HWC crop: float HWC, normalized, flipped when r["flip"].
+
+    `r` holds this view's per-sample draws (see `view_draws`) as DataNodes. Each step with
+    p = 0 builds nothing, p = 1 runs on every image, else a per-image `if` on its coin.
+    """
     from nvidia.dali import fn, types
 
     x = crop * (1.0 / 255.0)  # float32 in [0, 1]
-    # Each step: p = 0 builds nothing, p = 1 runs on every image, else a per-image `if`.
     if 0 < p.jitter_p < 1:
-        if _coin(p.jitter_p):
-            x = _jitter(x, p, dev)
+        if r["jitter"]:
+            x = _jitter(x, p, r)
     elif p.jitter_p >= 1:
-        x = _jitter(x, p, dev)
+        x = _jitter(x, p, r)
     if 0 < p.grayscale_p < 1:
-        if _coin(p.grayscale_p):
+        if r["gray"]:
             x = _grayscale(x)
     elif p.grayscale_p >= 1:
         x = _grayscale(x)
     k = p.kernel_size()
     if k > 1 and 0 < p.blur_p < 1:
-        if _coin(p.blur_p):
-            x = _blur(x, fn.random.uniform(range=list(p.blur_sigma)), k)
+        if r["blur"]:
+            x = _blur(x, r["sigma"], k)
     elif k > 1 and p.blur_p >= 1:
-        x = _blur(x, fn.random.uniform(range=list(p.blur_sigma)), k)
+        x = _blur(x, r["sigma"], k)
     if 0 < p.solarize_p < 1:
-        if _coin(p.solarize_p):
+        if r["solarize"]:
             x = _solarize(x, p.solarize_threshold)
     elif p.solarize_p >= 1:
         x = _solarize(x, p.solarize_threshold)
     # The flip commutes with everything above (see the module docstring), so it is fused here.
-    mirror = fn.cast(_coin(p.flip_p), dtype=types.INT32) if p.flip_p > 0 else 0
+    mirror = r["flip"] if p.flip_p > 0 else 0
     return fn.crop_mirror_normalize(
         x, mirror=mirror, mean=list(mean), std=list(std), dtype=types.FLOAT, output_layout="HWC"
     )
 
 
+# ---- the per-sample random draws: pure functions of (seed, epoch, index, view) -----------------
+
+# Per view: the crop box, then the coins and factors of _augment, in this order in the sample's
+# stream. Scalars are 0-d arrays (DALI takes them as per-sample arguments and `if` predicates).
+DRAWS = ("anchor", "shape", "flip", "jitter", "brightness", "contrast", "saturation", "hue", "perm", "gray",
+         "blur", "sigma", "solarize")
+ON_DEVICE = ("brightness", "contrast", "saturation", "hue")  # multiply the images: on their device
+
+
+def used_draws(p: ViewPolicy) -> list[str]:
+    """The draws `_augment` reads for policy `p` (a coin only when 0 < p < 1, a factor only when
+    its op can run): DALI wants no unused external_source output."""
+    used = {"anchor": True, "shape": True, "flip": p.flip_p > 0, "jitter": 0 < p.jitter_p < 1,
+            "perm": p.jitter_p > 0, "gray": 0 < p.grayscale_p < 1,
+            "blur": p.kernel_size() > 1 and 0 < p.blur_p < 1, "sigma": p.kernel_size() > 1 and p.blur_p > 0,
+            "solarize": 0 < p.solarize_p < 1}
+    for name in ON_DEVICE:
+        used[name] = p.jitter_p > 0 and getattr(p, name) > 0
+    return [name for name in DRAWS if used[name]]
+
+
+def view_draws(seed: int, epoch: int, index: int, view: int, p: ViewPolicy, height: int, width: int,
+               sampler: str = "official") -> dict[str, np.ndarray]:
+    """View `view` (1 or 2) of image `index` in `epoch`: its crop box (anchor = (top, left), shape =
+    (h, w), pixels; the box pipelines/folder.py draws for the same key) and every coin and
+    factor of the view policy, from numpy_rng(seed, epoch, index, view)."""
+    rng = numpy_rng(seed, epoch, index, view)
+    top, left, h, w = sample_crop(rng, height, width, p.crop_scale, p.crop_ratio, sampler)
+    u = rng.random(11)
+    f32 = np.float32
+    return {
+        "anchor": np.array([top, left], f32), "shape": np.array([h, w], f32),
+        "flip": np.array(u[0] < p.flip_p, np.int32), "jitter": np.array(u[1] < p.jitter_p),
+        "brightness": np.array(p.brightness * (2 * u[2] - 1), f32),
+        "contrast": np.array(1 + p.contrast * (2 * u[3] - 1), f32),
+        "saturation": np.array(1 + p.saturation * (2 * u[4] - 1), f32),
+        "hue": np.array(p.hue * (2 * u[5] - 1), f32),
+        "perm": np.array(min(int(u[6] * len(PERMS)), len(PERMS) - 1), np.int32),
+        "gray": np.array(u[7] < p.grayscale_p),
+        "blur": np.array(u[8] < p.blur_p),
+        "sigma": np.array(p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * u[9], f32),
+        "solarize": np.array(u[10] < p.solarize_p),
+    }
+
+
+class EpochSource:
+    """external_source callback of one rank's epoch: for step `batch_info.iteration`, the encoded
+    files, the labels and each view's used draws (`names`), as per-sample lists; StopIteration
+    after the last step. Plain data and stateless, so DALI's worker processes can run it
+    (parallel external source): the draws then cost the training process nothing."""
+
+    def __init__(self, loader: "DALILoader", epoch: int, start_step: int) -> None:
+        images, augment = loader.images, loader.augment
+        self.paths, self.labels, self.heights, self.widths = images.paths, images.labels, images.heights, images.widths
+        self.seed, self.epoch, self.sampler = loader.plan.seed, epoch, augment.crop_sampler
+        self.policies = (augment.view1, augment.view2)
+        self.batches = loader.plan.batch_indices(epoch, start_step)
+        self.names = (used_draws(augment.view1), used_draws(augment.view2))
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 + len(self.names[0]) + len(self.names[1])
+
+    def __call__(self, batch_info: Any) -> list[list[np.ndarray]]:
+        step = batch_info.iteration
+        if step >= len(self.batches):
+            raise StopIteration
+        indices = [int(i) for i in self.batches[step]]
+        out = [[np.fromfile(self.paths[i], dtype=np.uint8) for i in indices],
+               [np.array([self.labels[i]], np.int32) for i in indices]]
+        for view, (policy, names) in enumerate(zip(self.policies, self.names), start=1):
+            draws = [view_draws(self.seed, self.epoch, i, view, policy, self.heights[i], self.widths[i], self.sampler)
+                     for i in indices]
+            out += [[d[name] for d in draws] for name in names]
+        return out
+
+
 def _graph(
-    files: list[str],
-    labels: list[int],
+    source: EpochSource,
     policies: tuple[ViewPolicy, ViewPolicy],
     mean: Sequence[float],
     std: Sequence[float],
     decode: str,
     dev: str,
     hw_decoder_load: float,
+    parallel: bool,
 ) -> tuple[Any, Any, Any]:
-    """The pipeline body: (view1, view2, label) with views float32 (S, S, 3) per sample."""
+    """The pipeline body: (view1, view2, label) with views float32 (S, S, 3) per sample.
+    parallel: EpochSource runs in DALI's worker processes instead of the training thread."""
     from nvidia.dali import fn, types
 
-    jpegs, label = fn.readers.file(
-        files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER
-    )
-    decoder: dict[str, Any] = dict(device="cpu", output_type=types.RGB)
+    nodes = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
+                               parallel=parallel, **({"prefetch_queue_depth": 2} if parallel else {}))
+    jpegs, label = nodes[0], nodes[1]
+    n1 = len(source.names[0])
+    per_view = [dict(zip(source.names[0], nodes[2:2 + n1])), dict(zip(source.names[1], nodes[2 + n1:]))]
+    if dev == "gpu":
+        per_view = [{k: v.gpu() if k in ON_DEVICE else v for k, v in r.items()} for r in per_view]
+    # adjust_orientation off: the boxes were drawn on the stored size, as PIL (folder, convert) sees it
+    decoder: dict[str, Any] = dict(device="cpu", output_type=types.RGB, adjust_orientation=False)
     if dev == "gpu":
         decoder.update(
             device="mixed", hw_decoder_load=hw_decoder_load,
             device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING,
         )
+    box = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
     crops = []
     if decode == "once":
         images = fn.decoders.image(jpegs, **decoder)
-        for p in policies:
-            crops.append(fn.random_resized_crop(
-                images, size=[p.crop_size, p.crop_size], random_area=list(p.crop_scale),
-                random_aspect_ratio=list(p.crop_ratio), num_attempts=10,
-                interp_type=types.INTERP_CUBIC, antialias=True,
-            ))
+        crops = [fn.slice(images, r["anchor"], r["shape"], **box) for r in per_view]
     else:  # roi: each view decodes only the region of its crop
-        for p in policies:
-            crop = fn.decoders.image_random_crop(
-                jpegs, random_area=list(p.crop_scale), random_aspect_ratio=list(p.crop_ratio),
-                num_attempts=10, **decoder,
-            )
-            crops.append(fn.resize(
-                crop, size=[p.crop_size, p.crop_size], interp_type=types.INTERP_CUBIC,
-                antialias=True,
-            ))
-    view1, view2 = (_augment(c, p, mean, std, dev) for c, p in zip(crops, policies))
+        crops = [fn.decoders.image_slice(jpegs, r["anchor"], r["shape"], **box, **decoder) for r in per_view]
+    # crop, then resize (as pipelines/folder.py): a resize with a ROI would read outside the box
+    crops = [fn.resize(c, size=[p.crop_size, p.crop_size], interp_type=types.INTERP_CUBIC, antialias=True)
+             for c, p in zip(crops, policies)]
+    view1, view2 = (_augment(c, p, mean, std, r) for c, p, r in zip(crops, policies, per_view))
     return view1, view2, label.gpu() if dev == "gpu" else label
 
 
@@ -353,13 +413,20 @@ class DALILoader:
     `.txt` list of `path label` lines."""
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
-                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, seed: int = 0, parallel_source: bool | None = None) -> None:
+        """parallel_source: draw in DALI's worker processes (None: on GPUs, where the draws would
+        otherwise take ~0.1 ms per image from the training thread; CPU operators are ~25x slower
+        than the draws, and spawning the workers costs seconds per epoch's pipeline)."""
         import_dali()
         augment.validate()
-        self.paths, self.labels = list_images(data.path)
+        paths, labels = list_images(data.path)
+        # DALI stops at a file it cannot decode, naming none: check the list first (cached)
+        self.images = verify_images(paths, labels, data.on_bad_image, data.num_workers, name=str(data.path))
+        self.paths, self.labels = self.images.paths, self.images.labels
         self.data, self.augment = data, augment
         self.device = torch.device(device)
         self.dali_device = resolve_device(data.dali.device, self.device)
+        self.parallel_source = self.dali_device == "gpu" if parallel_source is None else parallel_source
         self.plan = LoaderPlan.of(data, len(self.paths), rank, world_size, seed)
         self.batch_size = self.plan.batch_size
 
@@ -369,12 +436,10 @@ class DALILoader:
     def pipeline(self, epoch: int, start_step: int = 0) -> Any:
         """The (unbuilt) DALI pipeline of this rank's steps start_step.. of `epoch`."""
         dali = import_dali()
-        order = np.concatenate(self.plan.batch_indices(epoch, start_step))
         gpu = self.dali_device == "gpu"
         build = dali.pipeline_def(_graph, enable_conditionals=True)
         return build(
-            files=[self.paths[i] for i in order],
-            labels=[self.labels[i] for i in order],
+            source=EpochSource(self, epoch, start_step),
             policies=(self.augment.view1, self.augment.view2),
             mean=self.augment.mean, std=self.augment.std,
             decode=self.data.dali.decode, dev=self.dali_device,
@@ -383,7 +448,10 @@ class DALILoader:
             num_threads=max(1, self.data.num_workers),
             device_id=_cuda_index(self.device) if gpu else None,
             prefetch_queue_depth=self.data.prefetch,
-            seed=derive_seed(self.plan.seed, epoch, self.plan.rank, start_step) % (2**31 - 1),
+            parallel=self.parallel_source,
+            **({"py_num_workers": max(1, self.data.num_workers // 2), "py_start_method": "spawn"}
+               if self.parallel_source else {}),
+            seed=derive_seed(self.plan.seed, epoch) % (2**31 - 1),  # no DALI operator draws: all comes from EpochSource
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
@@ -402,7 +470,7 @@ class DALILoader:
 
         iterator = DALIGenericIterator(
             [self.pipeline(epoch, start_step)], ["view1", "view2", "labels"],
-            reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
+            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
         )
         try:
             for out in iterator:

@@ -24,6 +24,7 @@ changes pixels), a different world size, and float rounding in GPU kernels.
 
 from __future__ import annotations
 
+import os
 import queue
 from typing import Iterator
 
@@ -50,6 +51,34 @@ def require_ffcv() -> None:
         raise ImportError(f"{INSTALL_HINT} ({err})") from err
 
 
+def check_beton(path: str) -> None:
+    """Raise a one-line ValueError / FileNotFoundError unless `path` is a whole FFCV .beton: a
+    file, with FFCV's format version, and header, field table, metadata and every sample's bytes
+    inside the file (a copy cut short fails here, not deep inside FFCV)."""
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    fix = "write it with `fastbyol convert SRC OUT.beton`"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path = {path}: no such file ({fix})")
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path = {path} is a directory; the ffcv backend reads one .beton file ({fix})")
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        raise ValueError(f"{path} is not an FFCV .beton: {size} bytes, shorter than its header ({fix})")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise ValueError(f"{path} is not an FFCV {CURRENT_VERSION} .beton (its header says format version "
+                         f"{header['version']}); {fix}")
+    table = int(header["alloc_table_ptr"])
+    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    damaged = f"{path} is truncated or damaged ({{}}, file size {size} bytes); {fix} again"
+    if header["num_fields"] < 1 or not fields_end <= table <= size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise ValueError(damaged.format(f"allocation table at byte {table}"))
+    alloc = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table)
+    if len(alloc) and int((alloc["ptr"] + alloc["size"]).max()) > table:
+        raise ValueError(damaged.format(f"a sample ends at byte {int((alloc['ptr'] + alloc['size']).max())}"))
+
+
 class FFCVLoader:
     """The ffcv backend's TwoViewLoader for one rank (see pipelines.TwoViewLoader)."""
 
@@ -69,6 +98,7 @@ class FFCVLoader:
         self.path, self.augment = str(data.path), augment
         self.device = torch.device(device)
 
+        check_beton(self.path)  # FFCV's own reader answers a bad file with an assert or a numpy error
         reader = Reader(self.path)
         fields = reader.handlers
         if "image" not in fields or "label" not in fields:

@@ -85,7 +85,7 @@ class AugmentConfig:
     view2: ViewPolicy = field(default_factory=view2_policy)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalization of the views
     std: tuple[float, float, float] = IMAGENET_STD
-    crop_sampler: str = "official"  # official (one draw, clamped into the image) / torchvision (10 tries, centre fallback); folder and ffcv; dali always uses DALI's own (torchvision-like)
+    crop_sampler: str = "official"  # official (one draw, clamped into the image) / torchvision (10 tries, centre fallback); every backend (folder, ffcv, dali)
 
     def validate(self) -> None:
         self.view1.validate("augment.view1")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import AugmentConfig, DataConfig, ViewPolicy
+from pipelines import AugmentConfig, DataConfig, ViewPolicy, gpu_augment
 from pipelines.policy import GRAY_WEIGHTS
 
 S = 16  # view side: tiny images keep every test fast
@@ -99,6 +99,14 @@ def run_op(build, *inputs: np.ndarray):
     p.build()
     out = p.run()
     return [np.stack([np.array(t) for t in o]) for o in out]
+
+
+@pytest.fixture(autouse=True)
+def image_check_cache(tmp_path_factory, monkeypatch) -> Path:
+    """The verified-list cache of pipelines.image_list in a fresh folder, not the user's home."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("FASTBYOL_CACHE", str(path))
+    return path
 
 
 # ---- layout, seed, errors ---------------------------------------------------------------------
@@ -345,7 +353,6 @@ def test_dali_and_gpu_augment_agree_on_the_same_images(tmp_path):
     """The full T' policy (crop pinned) on one image through both backends: the distributions
     of per-view statistics agree (two-sample KS at the 0.1% level) and the rates match."""
     pytest.importorskip("nvidia.dali")
-    gpu_augment = pytest.importorskip("pipelines.gpu_augment")
     rng = np.random.default_rng(4)
     img = np.clip(gradient() + rng.integers(-40, 40, (S, S, 3)), 0, 255).astype(np.uint8)
     policy = replace(AugmentConfig().view2, crop_size=S, crop_scale=(1.0, 1.0),
@@ -379,7 +386,6 @@ def test_jitter_order_is_random_per_image_as_in_gpu_augment(tmp_path):
     white first and changes it. The share of images keeping the ratio (about 0.2 for a random
     order, 0 or about 0.4 for a fixed one) must match the torch path's."""
     pytest.importorskip("nvidia.dali")
-    gpu_augment = pytest.importorskip("pipelines.gpu_augment")
     img = np.zeros((S, S, 3), np.uint8)
     img[:, 5:11], img[:, 11:] = 128, 255
     policy = only(jitter_p=1.0, brightness=0.05, contrast=0.4)
@@ -398,3 +404,130 @@ def test_jitter_order_is_random_per_image_as_in_gpu_augment(tmp_path):
     pooled = (rates[0] + rates[1]) / 2
     assert 0.1 < pooled < 0.3
     assert abs(rates[0] - rates[1]) < 4.5 * math.sqrt(2 * pooled * (1 - pooled) / n)
+
+
+# ---- bad images, per-sample draws, exact resume (issue 15, section 3) --------------------------
+
+def truncated_copy(folder: Path, name: str) -> Path:
+    """A copy of the folder's first JPEG cut to half its bytes, as `name` in its class c0."""
+    src = sorted((folder / "c0").glob("*.jpg"))[0]
+    bad = folder / "c0" / name
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return bad
+
+
+def test_a_truncated_jpeg_is_skipped_by_path_or_named(tmp_path, jpeg_folder):
+    # DALI itself stops the run at step 2 with "nvImageCodec failure", naming no file
+    import shutil
+
+    from pipelines.image_list import BadImageWarning
+    from pipelines.convert import BadImageError
+
+    dali = dali_module()
+    folder = Path(shutil.copytree(jpeg_folder, tmp_path / "tree"))
+    bad = truncated_copy(folder, "0000_truncated.jpg")  # sorts first: in the first batches
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=str(folder), batch_size=8, num_workers=1)
+    with pytest.warns(BadImageWarning, match=str(bad)):
+        ld = dali.DALILoader(data, augment, "cpu")
+    assert len(ld.paths) == 24 and str(bad) not in ld.paths and ld.images.skipped[0][0] == str(bad)
+    assert sum(b.labels.numel() for b in ld.epoch(0)) == 24  # every batch decodes
+    data.on_bad_image = "error"
+    with pytest.raises(BadImageError, match=f"{bad}: cannot decode image"):
+        dali.DALILoader(data, augment, "cpu")
+
+
+def test_the_image_check_is_cached_by_size_and_mtime(tmp_path, jpeg_folder, monkeypatch):
+    import os
+    import shutil
+
+    import pipelines.image_list as image_list
+
+    folder = Path(shutil.copytree(jpeg_folder, tmp_path / "tree"))
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    checked = []
+    real = image_list.inspect_image
+    monkeypatch.setattr(image_list, "inspect_image", lambda p: checked.append(p) or real(p))
+    first = image_list.verify_images(paths, list(range(24)), name=str(folder))
+    assert len(checked) == 24 and first.heights == [40] * 24 and first.widths == [48] * 24
+    checked.clear()
+    assert image_list.verify_images(paths, list(range(24)), name=str(folder)) == first
+    assert checked == []  # nothing decoded again
+    st = os.stat(paths[3])
+    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "changed": checked again
+    image_list.verify_images(paths, list(range(24)), name=str(folder))
+    assert checked == [paths[3]]
+
+
+def test_views_are_functions_of_seed_epoch_and_image_not_of_rank_or_step(jpeg_folder):
+    # the same image gets the same two views whether one rank loads it or another does
+    dali = dali_module()
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=1)
+    one = next(iter(dali.DALILoader(data, augment, "cpu", seed=7).epoch(2)))
+    halves = [next(iter(dali.DALILoader(data, augment, "cpu", rank=r, world_size=2, seed=7).epoch(2)))
+              for r in range(2)]
+    for k in range(3):
+        assert torch.equal(torch.cat([h[k] for h in halves]), one[k])
+
+
+@pytest.mark.parametrize("decode", ["once", "roi"])
+def test_resume_mid_epoch_is_exact(jpeg_folder, decode):
+    dali = dali_module()
+    augment = AugmentConfig()  # every op of the BYOL policy on
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=1)
+    data.dali.decode = decode
+    ld = dali.DALILoader(data, augment, "cpu", seed=3)
+    full = list(ld.epoch(5))
+    resumed = list(ld.epoch(5, start_step=1))
+    assert len(resumed) == len(full) - 1
+    for a, b in zip(full[1:], resumed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert not torch.equal(full[0].view1, next(iter(ld.epoch(6))).view1)  # new draws every epoch
+
+
+def test_a_dali_run_resumed_after_an_interruption_is_bit_identical(tmp_path, jpeg_folder, one_thread):
+    import os
+    import signal
+
+    from fastbyol import checkpoint
+    from fastbyol.config import load_config
+    from fastbyol.train import Interrupted, train
+
+    dali_module()
+    common = ["model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32",
+              "augment.view1.crop_size=16", "augment.view2.crop_size=16", "train.precision=fp32", "train.device=cpu",
+              "logging.progress=none", "logging.plot=false", "data.backend=dali", f"data.path={jpeg_folder}",
+              "data.batch_size=8", "data.num_workers=1", "train.epochs=2", "optim.lr=0.3", "train.checkpoint_every=100"]
+    train(load_config(None, [*common, f"train.run_dir={tmp_path / 'straight'}"]))
+
+    def interrupt_at_4(step: int) -> None:  # mid-epoch: 3 steps per epoch
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = [*common, f"train.run_dir={tmp_path / 'resumed'}"]
+    with pytest.raises(Interrupted):
+        train(load_config(None, cfg), step_hook=interrupt_at_4)
+    assert train(load_config(None, cfg))["steps"] == 6
+    straight = checkpoint.load_latest(tmp_path / "straight")["model"]
+    resumed = checkpoint.load_latest(tmp_path / "resumed")["model"]
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_draws_in_worker_processes_give_the_same_views(jpeg_folder):
+    # on GPUs EpochSource runs in DALI's spawned workers (parallel external source)
+    dali = dali_module()
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=2)
+    serial = list(dali.DALILoader(data, augment, "cpu", seed=2, parallel_source=False).epoch(1, start_step=1))
+    workers = list(dali.DALILoader(data, augment, "cpu", seed=2, parallel_source=True).epoch(1, start_step=1))
+    assert len(serial) == len(workers) == 2
+    for a, b in zip(serial, workers):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

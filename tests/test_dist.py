@@ -365,7 +365,7 @@ def test_sync_batchnorm_conversion_keeps_the_state_and_is_plain_bn_alone():
 
 def test_an_error_mid_run_leaves_the_process_group(tmp_path, monkeypatch, no_launcher):
     # a real (1-process) gloo group joined by dist.init, as under a launcher
-    def init_group(device_name: str):
+    def init_group(device_name: str, timeout_s: float | None = None):
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         return dist.DistInfo(), torch.device("cpu")
 
