@@ -166,6 +166,12 @@ class RunMonitor:
                 f"tau {record['tau']:.5f}  std {record['collapse_std']:.4f}  {time_figures(record)}{extra}",
                 highlight=False, soft_wrap=True)
 
+    def note(self, record: dict[str, Any]) -> None:
+        """Write one metrics line that is not a training step's (e.g. the end-of-run kNN baseline)."""
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":
             self.console.print(text, highlight=False, soft_wrap=True)  # a log file wants whole lines
@@ -190,7 +196,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("metrics plot skipped: matplotlib is not installed (pip install fastbyol[plot])", file=sys.stderr)
+        print("metrics plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return None
     rows = [r for r in read_metrics(metrics_path) if "loss" in r]
     if not rows:

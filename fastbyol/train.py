@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,15 @@ def build_model(cfg: Config) -> BYOL:
     """The BYOL module of the config, on the CPU, parameters initialised from the global torch RNG."""
     encoder = resnet(cfg.model.depth, cfg.model.width, cfg.model.stem, cfg.model.zero_init_residual)
     return BYOL(encoder, encoder.num_features, cfg.byol.hidden_dim, cfg.byol.proj_dim, cfg.byol.concat_views)
+
+
+def initial_encoder(cfg: Config, device: torch.device) -> nn.Module:
+    """The online encoder exactly as build_components initialises it (train.seed), untrained: the
+    baseline a run's kNN accuracy is compared with. The global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        encoder = build_model(cfg).online_encoder.to(device)
+    return encoder.to(memory_format=torch.channels_last) if cfg.model.channels_last else encoder
 
 
 def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, peak_lr: float) -> Components:
@@ -178,9 +188,18 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
+    def say(text: str) -> None:  # what happens before the first step (data, model), on rank 0
+        if info.is_main and cfg.logging.progress != "none":
+            print(text, file=sys.stderr, flush=True)
+
+    if cfg.data.demo and not Path(cfg.data.path).exists():
+        say(f"writing the demo image set to {Path(cfg.data.path).parent} (first use only) ...")
     loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
     plan = RunPlan.of(cfg, len(loader))
     c = build_components(cfg, device, info, plan.peak_lr)
+    say(f"training ResNet-{cfg.model.depth} ({sum(p.numel() for p in c.byol.online_parameters()) / 1e6:.1f}M "
+        f"parameters with the heads) on {device.type}: {plan.total_steps} steps of {cfg.data.batch_size} images "
+        f"from {cfg.data.path}")
 
     step = 0
     state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
@@ -203,6 +222,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     if state is not None:
         monitor.message(f"resumed from {state['path']} at step {step}")
     knn = KNNHook(cfg, plan)
+    knn_end: dict = {}
     images_per_step = loader.batch_size * info.world_size
     window = MetricWindow(device, images_per_step, info.world_size, step_flops_per_image(cfg),
                           peak_flops(device, cfg.train.precision), first_step=step)
@@ -250,6 +270,13 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                     if step >= plan.total_steps:
                         break
         save()
+        if knn.monitor is not None:  # the run's end: the trained encoder next to the same one untrained
+            trained = record if "knn_top1" in record else knn.monitor(c.byol.online_encoder)
+            untrained = knn.monitor(initial_encoder(cfg, device))
+            knn_end = {"trained_top1": trained["knn_top1"], "trained_top5": trained["knn_top5"],
+                       "random_init_top1": untrained["knn_top1"], "random_init_top5": untrained["knn_top5"]}
+            monitor.note({"step": step, "knn_random_init_top1": untrained["knn_top1"],
+                          "knn_random_init_top5": untrained["knn_top5"]})
     finally:
         monitor.close()
 
@@ -257,7 +284,7 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
                "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
                "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False,
-               **_where_time_went(window, record)}
+               "knn": knn_end, **_where_time_went(window, record)}
     if info.is_main:
         checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
         if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
@@ -306,6 +333,10 @@ def summary_lines(summary: dict) -> list[str]:
     if "verdict" in summary:
         lines.append(f"time: {time_figures(summary)}")
         lines.append(f"verdict: {summary['verdict']} ({summary['verdict_reason']})")
+    if summary.get("knn"):  # trained vs untrained, side by side: did the pretraining learn?
+        k = summary["knn"]
+        lines.append(f"kNN top-1 on the val images: trained {k['trained_top1']:.1f}%  vs  random init "
+                     f"{k['random_init_top1']:.1f}%  (top-5: {k['trained_top5']:.1f}% vs {k['random_init_top5']:.1f}%)")
     return lines
 
 

@@ -413,10 +413,7 @@ class DALILoader:
     `.txt` list of `path label` lines."""
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, parallel_source: bool | None = None) -> None:
-        """parallel_source: draw in DALI's worker processes (None: on GPUs, where the draws would
-        otherwise take ~0.1 ms per image from the training thread; CPU operators are ~25x slower
-        than the draws, and spawning the workers costs seconds per epoch's pipeline)."""
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         import_dali()
         augment.validate()
         paths, labels = list_images(data.path)
@@ -426,7 +423,10 @@ class DALILoader:
         self.data, self.augment = data, augment
         self.device = torch.device(device)
         self.dali_device = resolve_device(data.dali.device, self.device)
-        self.parallel_source = self.dali_device == "gpu" if parallel_source is None else parallel_source
+        # EpochSource in DALI's worker processes on GPUs, where its ~0.1 ms per image would otherwise
+        # come out of the training thread; on CPUs the operators are ~25x slower than the draws, and
+        # spawning the workers costs seconds per epoch's pipeline
+        self.parallel_source = self.dali_device == "gpu"
         self.plan = LoaderPlan.of(data, len(self.paths), rank, world_size, seed)
         self.batch_size = self.plan.batch_size
 

@@ -525,8 +525,10 @@ def test_draws_in_worker_processes_give_the_same_views(jpeg_folder):
     augment = AugmentConfig()
     augment.set_crop_size(16)
     data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=2)
-    serial = list(dali.DALILoader(data, augment, "cpu", seed=2, parallel_source=False).epoch(1, start_step=1))
-    workers = list(dali.DALILoader(data, augment, "cpu", seed=2, parallel_source=True).epoch(1, start_step=1))
+    serial, parallel = dali.DALILoader(data, augment, "cpu", seed=2), dali.DALILoader(data, augment, "cpu", seed=2)
+    assert not serial.parallel_source  # CPU operators: the draws stay in this process
+    parallel.parallel_source = True
+    serial, workers = list(serial.epoch(1, start_step=1)), list(parallel.epoch(1, start_step=1))
     assert len(serial) == len(workers) == 2
     for a, b in zip(serial, workers):
         for x, y in zip(a, b):

@@ -225,6 +225,15 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     assert [r["step"] for r in records] == [2, 4]  # 24 images / batch 12: epoch ends at steps 2 and 4
     for r in records:
         assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 100
+    # the run ends with the untrained encoder's kNN next to the trained one's: the baseline must be
+    # what `fastbyol eval knn RUN --random-init` computes on its own from the run's config
+    end = [r for r in read_metrics(with_knn / "metrics.jsonl") if "knn_random_init_top1" in r]
+    assert len(end) == 1 and end[0]["step"] == 4
+    out = tmp_path / "random_init.json"
+    assert cli.main(["eval", "knn", str(with_knn), "--random-init", "--k", "5", "--batch-size", "16",
+                     "--num-workers", "0", "--out", str(out)]) == 0
+    baseline = json.loads(out.read_text())
+    assert (end[0]["knn_random_init_top1"], end[0]["knn_random_init_top5"]) == (baseline["top1"], baseline["top5"])
     # the evaluation runs the encoder in eval mode, on its own RNG: the run is the same without it
     without = tiny_run(tmp_path, demo, knn_every=0)
     a, b = torch.load(with_knn / "encoder.pt"), torch.load(without / "encoder.pt")
