@@ -10,29 +10,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines.crops import CROP_SAMPLERS
+from pipelines.params import at_least, check_fields, choice, in_range, param
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+PROBABILITY = "a probability in [0, 1]"
+STRENGTH = "a strength in [0, 1]"
 
 
 @dataclass
 class ViewPolicy:
     """How one view is made from a source image. Probabilities are per image."""
 
-    crop_size: int = 224  # output side (pixels) of the random resized crop
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image area
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (w / h)
-    flip_p: float = 0.5  # horizontal flip
-    jitter_p: float = 0.8  # apply the four color-jitter ops, in a random order per image
-    brightness: float = 0.4  # additive delta ~ U[-b, b]
-    contrast: float = 0.4  # factor ~ U[1-c, 1+c] around each channel's spatial mean
-    saturation: float = 0.2  # HSV s multiplied by U[1-s, 1+s]
-    hue: float = 0.1  # HSV h shifted by U[-h, h] (mod 1)
-    grayscale_p: float = 0.2  # convert to gray (weights 0.2989, 0.5870, 0.1140)
-    blur_p: float = 1.0  # Gaussian blur (T: 1.0, T': 0.1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma ~ U[lo, hi], in pixels
-    blur_kernel: int = 0  # 0: image side / 10 rounded to odd (23 at 224)
-    solarize_p: float = 0.0  # solarize (T: 0.0, T': 0.2)
+    crop_size: int = at_least(224, 8, "at least 8 pixels")  # output side (pixels) of the random resized crop
+    crop_scale: tuple[float, float] = param((0.08, 1.0), lambda v: 0.0 < v[0] <= v[1] <= 1.0, "0 < lo <= hi <= 1")  # crop area as a fraction of the image area
+    crop_ratio: tuple[float, float] = param((3 / 4, 4 / 3), lambda v: 0.0 < v[0] <= v[1], "0 < lo <= hi")  # crop aspect ratio range (w / h)
+    flip_p: float = in_range(0.5, 0.0, 1.0, PROBABILITY)  # horizontal flip
+    jitter_p: float = in_range(0.8, 0.0, 1.0, PROBABILITY)  # apply the four color-jitter ops, in a random order per image
+    brightness: float = in_range(0.4, 0.0, 1.0, STRENGTH)  # additive delta ~ U[-b, b]
+    contrast: float = in_range(0.4, 0.0, 1.0, STRENGTH)  # factor ~ U[1-c, 1+c] around each channel's spatial mean
+    saturation: float = in_range(0.2, 0.0, 1.0, STRENGTH)  # HSV s multiplied by U[1-s, 1+s]
+    hue: float = in_range(0.1, 0.0, 0.5, "a strength in [0, 0.5]")  # HSV h shifted by U[-h, h] (mod 1)
+    grayscale_p: float = in_range(0.2, 0.0, 1.0, PROBABILITY)  # convert to gray (weights 0.2989, 0.5870, 0.1140)
+    blur_p: float = in_range(1.0, 0.0, 1.0, PROBABILITY)  # Gaussian blur (T: 1.0, T': 0.1)
+    blur_sigma: tuple[float, float] = param((0.1, 2.0), lambda v: 0.0 < v[0] <= v[1], "0 < lo <= hi")  # sigma ~ U[lo, hi], in pixels
+    blur_kernel: int = at_least(0, 0, ">= 0 (0 = auto)")  # 0: image side / 10 rounded to odd (23 at 224)
+    solarize_p: float = in_range(0.0, 0.0, 1.0, PROBABILITY)  # solarize (T: 0.0, T': 0.2)
     solarize_threshold: float = 0.5  # x < t ? x : 1 - x
 
     def kernel_size(self) -> int:
@@ -42,29 +47,7 @@ class ViewPolicy:
 
     def validate(self, name: str = "view") -> None:
         """Raise ValueError naming the field when a value is out of range."""
-        for f in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            v = getattr(self, f)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}.{f} = {v}: expected a probability in [0, 1]")
-        for f in ("brightness", "contrast", "saturation"):
-            v = getattr(self, f)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}.{f} = {v}: expected a strength in [0, 1]")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"{name}.hue = {self.hue}: expected a strength in [0, 0.5]")
-        if self.crop_size < 8:
-            raise ValueError(f"{name}.crop_size = {self.crop_size}: expected at least 8 pixels")
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"{name}.crop_scale = {self.crop_scale}: expected 0 < lo <= hi <= 1")
-        lo, hi = self.crop_ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"{name}.crop_ratio = {self.crop_ratio}: expected 0 < lo <= hi")
-        lo, hi = self.blur_sigma
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"{name}.blur_sigma = {self.blur_sigma}: expected 0 < lo <= hi")
-        if self.blur_kernel < 0:
-            raise ValueError(f"{name}.blur_kernel = {self.blur_kernel}: expected >= 0 (0 = auto)")
+        check_fields(self, name)
 
 
 def view1_policy() -> ViewPolicy:
@@ -84,8 +67,8 @@ class AugmentConfig:
     view1: ViewPolicy = field(default_factory=view1_policy)
     view2: ViewPolicy = field(default_factory=view2_policy)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalization of the views
-    std: tuple[float, float, float] = IMAGENET_STD
-    crop_sampler: str = "official"  # official (one draw, clamped into the image) / torchvision (10 tries, centre fallback); every backend (folder, ffcv, dali)
+    std: tuple[float, float, float] = param(IMAGENET_STD, lambda v: all(x > 0 for x in v), "positive values")
+    crop_sampler: str = choice("official", CROP_SAMPLERS)  # official (one draw, clamped into the image) / torchvision (10 tries, centre fallback); every backend (folder, ffcv, dali)
 
     def validate(self) -> None:
         self.view1.validate("augment.view1")
@@ -95,10 +78,7 @@ class AugmentConfig:
                 f"augment.view1.crop_size = {self.view1.crop_size} and augment.view2.crop_size = "
                 f"{self.view2.crop_size}: both views must have the same size (one batch per view)"
             )
-        if self.crop_sampler not in ("official", "torchvision"):
-            raise ValueError(f"augment.crop_sampler = {self.crop_sampler!r}: expected official or torchvision")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"augment.std = {self.std}: expected positive values")
+        check_fields(self, "augment")
 
     def set_crop_size(self, size: int) -> None:
         self.view1.crop_size = size
