@@ -178,6 +178,25 @@ class KNNHook:
                             f"  top-5 {result['knn_top5']:.2f}%")
         return result
 
+    def side_by_side(self, trained: nn.Module, untrained: nn.Module, last: dict, monitor: RunMonitor,
+                     step: int) -> dict[str, float]:
+        """The run's end: kNN of the trained encoder next to the same encoder untrained (did the
+        pretraining learn?); the trained figures are `last`'s when the last step was evaluated."""
+        now = last if "knn_top1" in last else self.monitor(trained)
+        before = self.monitor(untrained)
+        monitor.note({"step": step, "knn_random_init_top1": before["knn_top1"],
+                      "knn_random_init_top5": before["knn_top5"]})
+        return {"trained_top1": now["knn_top1"], "trained_top5": now["knn_top5"],
+                "random_init_top1": before["knn_top1"], "random_init_top5": before["knn_top5"]}
+
+
+def _restore(c: Components, state: dict) -> None:
+    """Model, optimizer and grad-scaler state of a checkpoint into the components."""
+    c.byol.load_state_dict(state["model"])
+    c.optimizer.load_state_dict(state["optimizer"])
+    if c.scaler is not None and state.get("scaler"):
+        c.scaler.load_state_dict(state["scaler"])
+
 
 def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
            step_hook: Callable[[int], None] | None) -> dict:
@@ -201,18 +220,14 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         f"parameters with the heads) on {device.type}: {plan.total_steps} steps of {cfg.data.batch_size} images "
         f"from {cfg.data.path}")
 
-    step = 0
     state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
+    step = 0 if state is None else state["step"]
+    if step >= plan.total_steps:  # a finished run: report it; only finish what a kill cut short
+        notes = rundir.finish_complete(run_dir, state) if info.is_main else []
+        return {"steps": step, "total_steps": plan.total_steps, "already_complete": True, "run_dir": str(run_dir),
+                "notes": notes}
     if state is not None:
-        step = state["step"]
-        if step >= plan.total_steps:  # a finished run: report it; only finish what a kill cut short
-            notes = rundir.finish_complete(run_dir, state) if info.is_main else []
-            return {"steps": step, "total_steps": plan.total_steps, "already_complete": True, "run_dir": str(run_dir),
-                    "notes": notes}
-        c.byol.load_state_dict(state["model"])
-        c.optimizer.load_state_dict(state["optimizer"])
-        if c.scaler is not None and state.get("scaler"):
-            c.scaler.load_state_dict(state["scaler"])
+        _restore(c, state)
     messages = rundir.begin(cfg, run_dir, fresh, step) if info.is_main else []
     dist.barrier()
 
@@ -270,13 +285,8 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                     if step >= plan.total_steps:
                         break
         save()
-        if knn.monitor is not None:  # the run's end: the trained encoder next to the same one untrained
-            trained = record if "knn_top1" in record else knn.monitor(c.byol.online_encoder)
-            untrained = knn.monitor(initial_encoder(cfg, device))
-            knn_end = {"trained_top1": trained["knn_top1"], "trained_top5": trained["knn_top5"],
-                       "random_init_top1": untrained["knn_top1"], "random_init_top5": untrained["knn_top5"]}
-            monitor.note({"step": step, "knn_random_init_top1": untrained["knn_top1"],
-                          "knn_random_init_top5": untrained["knn_top5"]})
+        if knn.monitor is not None:
+            knn_end = knn.side_by_side(c.byol.online_encoder, initial_encoder(cfg, device), record, monitor, step)
     finally:
         monitor.close()
 

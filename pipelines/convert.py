@@ -43,7 +43,12 @@ MIN_PAGE = 1 << 23  # FFCV's default page size (8 MiB); one sample must fit in a
 
 
 class BadImageError(OSError):
-    """An image file that cannot be decoded; the message names the file."""
+    """An image file that cannot be read or decoded; the message names the file. One class for the
+    converter, the folder loader and DALI's verified file list, so one `except` catches them all."""
+
+
+class BadImageWarning(UserWarning):
+    """A bad image was skipped, by path (data.on_bad_image: skip)."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.convert import BadImageError, BadImageWarning
 from pipelines.crops import sample_crop
 from pipelines.gpu_augment import make_views
 from pipelines.loader import Batch, DataConfig, LoaderPlan
@@ -25,14 +26,6 @@ from pipelines.policy import AugmentConfig, ViewPolicy
 from pipelines.seeding import derive_seed, numpy_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class BadImageError(OSError):
-    """An image file that cannot be read or decoded; the message names the file."""
-
-
-class BadImageWarning(UserWarning):
-    """A bad image was skipped and replaced (data.on_bad_image: skip)."""
 
 
 def find_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:

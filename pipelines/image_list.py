@@ -22,11 +22,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from pipelines.convert import BadImageError, check_image
-
-
-class BadImageWarning(UserWarning):
-    """A bad image was dropped from the list (data.on_bad_image: skip)."""
+from pipelines.convert import BadImageError, BadImageWarning, check_image
 
 
 @dataclass

@@ -146,3 +146,12 @@ def test_no_traceback_reaches_the_terminal(tmp_path, empty_config):
                           cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "missing[/]" in proc.stderr
+
+
+def test_one_bad_image_class_for_every_path():
+    """The converter, the folder loader and DALI's file list raise and warn with the same classes,
+    so one `except BadImageError` (the CLI's, a user's) catches a bad image from any of them."""
+    from pipelines import convert, folder, image_list
+
+    assert folder.BadImageError is convert.BadImageError is image_list.BadImageError
+    assert folder.BadImageWarning is convert.BadImageWarning is image_list.BadImageWarning
