@@ -12,13 +12,23 @@ import torch
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
+def _single_torch_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
+    yield from _single_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """one_thread for a whole module (`pytestmark = pytest.mark.usefixtures("one_thread_module")`)."""
+    yield from _single_torch_thread()
 
 
 def _torchvision_keys(depth: int) -> dict[str, list[int]]:

@@ -32,6 +32,8 @@ from fastbyol.config import load_config  # noqa: E402
 from fastbyol.models.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 from fastbyol.train import Interrupted, build_components, build_model, train, train_step  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID", "GROUP_RANK")
 TINY = ["model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32", "byol.tau_base=0.9",
@@ -229,16 +231,6 @@ def assert_float32_runs_agree(losses_a: dict, losses_b: dict, state_a: dict, sta
     assert losses_a[steps[0]] == pytest.approx(losses_b[steps[0]], rel=1e-5)
     assert [losses_a[s] for s in steps] == pytest.approx([losses_b[s] for s in steps], rel=2e-3)
     assert update_difference(state_a, state_b, init) < 0.1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training in this process on one thread, as the torchrun workers (OMP_NUM_THREADS=1): on a
-    busy 2-core machine two OpenMP threads per process were measured 5x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

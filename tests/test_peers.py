@@ -51,16 +51,7 @@ def installed() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP regions of tiny ops stall far more than they gain."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def built(installed, one_thread):
+def built(installed, one_thread_module):
     """All contenders once, with their initial target parameters; lr 2.0 so 3 steps move the weights
     visibly (the first-step loss is taken before any update, so lr does not change it)."""
     settings = peers.Settings(depth=18, stem="cifar", size=16, batch=4, hidden=32, proj=16, steps=2, warmup=1,
@@ -178,7 +169,7 @@ def test_every_contender_moves_its_target_by_ema(result, built):
         assert 0 < target_moved < 0.05 * online_moved, (c.name, target_moved.item(), online_moved.item())
 
 
-def test_main_writes_the_json(tmp_path, one_thread):
+def test_main_writes_the_json(tmp_path, one_thread_module):
     path = tmp_path / "out" / "peers.json"
     assert peers.main([*TINY, "--contenders", "fastbyol", "--json", str(path)]) == 0
     written = json.loads(path.read_text())

@@ -19,6 +19,8 @@ from fastbyol.config import load_config
 from fastbyol.profile import VERDICTS, knobs, parse_sweep, profile, verdict
 from pipelines.demo import make_demo_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
+
 BATCH = 8
 
 # The documented --json keys (module docstring of fastbyol/profile.py), written out independently.
@@ -28,15 +30,6 @@ RUN_KEYS = {"sweep_value", "batch_per_rank", "crop_size", "config", "loader", "m
             "end_to_end_over_model", "loader_over_model", "peak_memory_bytes", "optimizer_ema_share",
             "verdict", "evidence", "knobs", "trace"}
 FIGURES = ("loader", "model", "end_to_end")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine are several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

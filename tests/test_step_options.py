@@ -19,6 +19,8 @@ from fastbyol import dist
 from fastbyol.config import ConfigError, load_config
 from fastbyol.train import build_components, train_step
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
+
 TINY = ["model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32", "train.precision=fp32",
         "train.device=cpu", "data.backend=synthetic", "data.batch_size=4", "dist.sync_bn=false"]
 
@@ -27,14 +29,6 @@ class OneRankDDP(dist.DistInfo):
     """A process group of one rank, wrapped in DDP as a multi-rank run would be."""
 
     enabled = True
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
