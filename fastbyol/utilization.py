@@ -14,13 +14,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastbyol.config import Config
 
 # Dense tensor-core peaks in TFLOP/s from the vendors' data sheets: (bf16 / fp16, tf32).
-# Matched in this order against torch.cuda.get_device_name (so "H100 PCIe" before "H100").
+# Matched in this order against torch.cuda.get_device_name: each specific form factor before the
+# generic row that would also match it ("H100 NVL" and "H100 PCIe" before "H100").
+# NVL: NVIDIA's H100 and H200 datasheets give the NVL cards 1,671 TFLOP/s bf16 and 835 TFLOP/s TF32
+# "with sparsity", half that dense; the SXM parts 1,979 and 989 (sparse), 989.4 and 494.7 dense.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H200", 989.4, 494.7),
+    ("H200 NVL", 835.5, 417.5),
+    ("H200", 989.4, 494.7),  # SXM ("NVIDIA H200"); also "NVIDIA GH200 480GB", whose GPU has these peaks
+    ("H100 NVL", 835.5, 417.5),
     ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.4, 494.7),  # SXM
+    ("H100", 989.4, 494.7),  # SXM ("NVIDIA H100 80GB HBM3")
     ("A100", 312.0, 156.0),
     ("L40S", 362.05, 183.0),
+    ("L40", 181.05, 90.5),  # before "L4", which "NVIDIA L40" also contains
     ("L4", 121.0, 60.0),
 )
 

@@ -57,15 +57,43 @@ def test_counting_flops_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_peaks_of_known_gpus_and_unknown_elsewhere(monkeypatch):
-    assert peak_flops(torch.device("cpu"), "bf16") is None
-    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "Tesla T4"])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+# torch.cuda.get_device_name as each card reports it -> (dense bf16, dense TF32) TFLOP/s, read off
+# the vendors' datasheets (sparse figures halved); None: not in the table, so MFU is "unknown".
+DATASHEET = {
+    "NVIDIA H100 80GB HBM3": (989.4, 494.7),  # SXM
+    "NVIDIA H100 PCIe": (756.0, 378.0),
+    "NVIDIA H100 NVL": (835.5, 417.5),
+    "NVIDIA H200": (989.4, 494.7),  # SXM
+    "NVIDIA H200 NVL": (835.5, 417.5),
+    "NVIDIA GH200 480GB": (989.4, 494.7),
+    "NVIDIA A100-SXM4-80GB": (312.0, 156.0),
+    "NVIDIA A100 80GB PCIe": (312.0, 156.0),
+    "NVIDIA L40S": (362.05, 183.0),
+    "NVIDIA L40": (181.05, 90.5),
+    "NVIDIA L4": (121.0, 60.0),
+    "Tesla T4": None,
+}
+
+
+@pytest.mark.parametrize("name", DATASHEET)
+def test_each_known_gpu_name_gets_its_own_datasheet_peak(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     cuda = torch.device("cuda", 0)
-    assert peak_flops(cuda, "bf16") == pytest.approx(989.4e12)
-    assert peak_flops(cuda, "fp16") == pytest.approx(756e12)
-    assert peak_flops(cuda, "fp32") == pytest.approx(156e12)  # TF32, torch's default for cuDNN convolutions
-    assert peak_flops(cuda, "bf16") is None
+    expected = DATASHEET[name]
+    if expected is None:
+        assert peak_flops(cuda, "bf16") is None and peak_flops(cuda, "fp32") is None
+        return
+    assert peak_flops(cuda, "bf16") == pytest.approx(expected[0] * 1e12)
+    assert peak_flops(cuda, "fp16") == pytest.approx(expected[0] * 1e12)
+    assert peak_flops(cuda, "fp32") == pytest.approx(expected[1] * 1e12)  # TF32, torch's default for cuDNN convs
+
+
+def test_no_peak_on_a_cpu_or_without_tf32(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert peak_flops(torch.device("cuda", 0), "fp32") is None  # plain fp32 convolutions: no tensor-core peak
     assert mfu(1e9, 100.0, 1e12) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None
 
 
