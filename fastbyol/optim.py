@@ -98,22 +98,22 @@ class LARS(torch.optim.Optimizer):
     def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        decayed = group["weight_decay"] != 0
-        updates = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if decayed else grads
-        if not group["lars_exclude"]:
-            w_norm = torch.stack(torch._foreach_norm(params))
-            u_norm = torch.stack(torch._foreach_norm(updates))
+        # u = g + wd * w in new tensors: p.grad stays as backward produced it (DDP buckets, logging)
+        updates = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] else grads
+        torch._foreach_mul_(bufs, group["momentum"])
+        if group["lars_exclude"]:
+            torch._foreach_add_(bufs, updates)
+        else:
+            n = len(params)
+            norms = torch.stack(torch._foreach_norm([*params, *updates]))  # ||w|| then ||u||, one launch
+            w_norm, u_norm = norms[:n], norms[n:]
             # One op over all layers; the division's inf/nan where a norm is 0 is discarded by where.
             ratio = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
-            # 0-d factors differ in size from their tensors, so CUDA runs this one op per tensor
-            # (PyTorch's foreach slow path): still asynchronous, no host sync.
-            ratios = list(ratio.unbind())
-            if decayed:
-                torch._foreach_mul_(updates, ratios)
-            else:  # updates are p.grad itself: leave it as backward produced it (DDP buckets, logging)
-                updates = torch._foreach_mul(grads, ratios)
-        torch._foreach_mul_(bufs, group["momentum"])
-        torch._foreach_add_(bufs, updates)
+            # buf += ratio_i * u_i with the 0-d ratios as addcmul's tensor1: CUDA runs that as one
+            # multi-tensor kernel (its 0-d tensor1 route, pytorch PR 172731), where _foreach_mul_(u,
+            # 0-d list) fails the same-shape check and launches one kernel per tensor (so does addcmul
+            # on a torch older than that route). No host sync either way.
+            torch._foreach_addcmul_(bufs, list(ratio.unbind()), updates)
         torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
     def _step_loop(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbyol.optim import LARS, lr_at, tau_at
 
@@ -100,6 +101,59 @@ def test_lars_matches_reference_over_steps(foreach: bool) -> None:
             assert torch.equal(p, s), f"{name} has no gradient or a zero update and must not move"
         else:
             assert (p - s).abs().max() > 1e-3, f"{name} did not move: the comparison would be vacuous"
+
+
+class ForeachCalls(TorchDispatchMode):
+    """Records every aten op an optimizer step dispatches (top level only: CPU's per-tensor loops
+    inside a foreach op run below this mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.calls.append((func.name(), args))
+        return func(*args, **(kwargs or {}))
+
+
+def _fast_route(name: str, args: tuple) -> bool:
+    """CUDA's multi-tensor route for a foreach op (ATen's can_use_fast_route): every tensor list
+    has, index by index, the same shape, strides, dtype and device; addcmul also takes a list of
+    0-d tensors as tensor1 (its 0-d route). Anything else runs one kernel per tensor."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if name.startswith("aten::_foreach_addcmul") and all(t.dim() == 0 for t in lists[1]):
+        lists = [lists[0], lists[2]]
+    ref = lists[0]
+    return all(t.shape == r.shape and t.stride() == r.stride() and t.dtype == r.dtype and t.device == r.device
+               for other in lists[1:] for t, r in zip(other, ref))
+
+
+def test_lars_foreach_step_stays_on_cudas_multi_tensor_route() -> None:
+    """Each op of a step runs once over all layers: the op count does not grow with the number of
+    parameters, and every foreach op's lists qualify for CUDA's one-kernel route (a 0-d ratio list
+    handed to _foreach_mul_ would fail it and launch a kernel per layer)."""
+    def calls(n_layers: int) -> list[tuple[str, tuple]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)])
+        opt = LARS(make_groups_of(model), lr=0.1, momentum=0.9, eta=ETA)
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()  # the first step creates the momentum buffers
+        with ForeachCalls() as mode:
+            opt.step()
+        return mode.calls
+
+    few, many = calls(2), calls(12)
+    assert [name for name, _ in few] == [name for name, _ in many]
+    foreach = [(name, args) for name, args in many if name.startswith("aten::_foreach")]
+    assert foreach and all(_fast_route(name, args) for name, args in foreach), \
+        [name for name, args in foreach if not _fast_route(name, args)]
+
+
+def make_groups_of(model: nn.Module) -> list[dict]:
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    return [{"params": weights, "weight_decay": 0.05, "lars_exclude": False},
+            {"params": biases, "weight_decay": 0.0, "lars_exclude": True}]
 
 
 def test_zero_weight_uses_trust_ratio_one_on_first_step() -> None:
