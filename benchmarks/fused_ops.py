@@ -1,7 +1,7 @@
 """Fused (foreach) LARS step and target EMA update vs a per-parameter loop, on BYOL's ResNet-50.
 
-    python benchmarks/fused_ops.py --device cpu --repeats 30 --threads 1
-    python benchmarks/fused_ops.py --device cuda --repeats 200 --width 1
+    python -m benchmarks.fused_ops --device cpu --repeats 30 --threads 1
+    python -m benchmarks.fused_ops --device cuda --repeats 200 --width 1
 
 Parameters: the online ResNet-50 encoder + projector + predictor (LARS, two groups as in
 fastbyol.byol.param_groups); the EMA covers encoder + projector. Gradients are random (the cost of

@@ -1,7 +1,7 @@
 """The same BYOL training step with fastbyol, lightly and byol-pytorch, timed side by side.
 
-    python benchmarks/peers.py --device cuda --batch 256 --json peers.json    # ResNet-50, 224 px
-    python benchmarks/peers.py --device cpu --depth 18 --stem cifar --size 16 --batch 4 \\
+    python -m benchmarks.peers --device cuda --batch 256 --json peers.json    # ResNet-50, 224 px
+    python -m benchmarks.peers --device cpu --depth 18 --stem cifar --size 16 --batch 4 \\
         --hidden 32 --proj 16 --steps 2 --rounds 1                           # the CI smoke run
 
 One step = both views through the online encoder + projector + predictor and the target encoder +

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import fused_ops  # noqa: E402
-from fused_ops import FlatEMA  # noqa: E402
-
-from fastbyol.ema import TargetEMA  # noqa: E402
-from fastbyol.optim import LARS  # noqa: E402
-from test_ema import make_pair  # noqa: E402
+from benchmarks import fused_ops
+from benchmarks.fused_ops import FlatEMA
+from fastbyol.ema import TargetEMA
+from fastbyol.optim import LARS
+from test_ema import make_pair
 
 
 def test_flat_update_is_the_ema_formula_and_copies_counters() -> None:

@@ -1,6 +1,7 @@
-"""benchmarks/gpu_suite.py cannot rot between GPU rounds: its `--device cpu --tiny` run goes through
-every stage here, and its records are checked for structure and invariants (never for speed);
-the DALI parts are joined only when all are there and their checksums match.
+"""The GPU suite cannot rot between GPU rounds: `python -m benchmarks.gpu_suite run all --device cpu
+--tiny` goes through every stage of runs A and B here, and its records are checked for structure and
+for invariants between figures (never for speed); DALI's parts are joined only when all are there
+and their checksums match; the records of two runs read as one table.
 """
 
 from __future__ import annotations
@@ -11,125 +12,172 @@ import math
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
+from torch import nn
+
+from benchmarks.suite import records
+from benchmarks.suite.install import install, joined_dali
+from benchmarks.suite.model import DDP_LABEL, SWEEP_FILE
+from benchmarks.suite.sizes import TINY
+from benchmarks.suite.stages import RUNS
+from benchmarks.suite.table import markdown, targets
+from fastbyol.config import load_config
+from fastbyol.profile import VERDICTS
+from fastbyol.train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+SUITE = [sys.executable, "-m", "benchmarks.gpu_suite"]
 
-import gpu_suite  # noqa: E402
 
-from fastbyol.profile import VERDICTS  # noqa: E402
-
-RECORD_KEYS = {"run", "stage", "status", "seconds", "budget_s", "result", "error"}
+def _suite(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*SUITE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
-           "--out", str(out), "--work", str(work), "--wheelhouse", str(work / "no-wheelhouse"),
-           "--dali-parts", str(work / "no-dali-parts"),
-           "--budget-scale", "4", "--total", "1800"]  # a slow CI machine must not turn a stage into a timeout
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = _suite("run", "all", "--device", "cpu", "--tiny", "--out", str(out), "--work", str(work),
+                  "--wheelhouse", str(work / "no-wheelhouse"), "--dali-parts", str(work / "no-dali-parts"),
+                  "--budget-scale", "8", "--total", "7200",  # a loaded CI machine must not turn a stage into a timeout
+                  timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return {r["stage"]: r for r in records}, out, proc.stdout
+    lines = records.read([out / records.RESULTS])
+    final = {r["stage"]: r for r in lines if r["status"] != records.RUNNING}
+    return final, lines, out, proc.stdout
 
 
 def positive(x: float) -> bool:
     return x > 0 and math.isfinite(x)
 
 
-def test_every_stage_runs_and_records_itself(tiny_run):
-    stages, out, printed = tiny_run
-    assert list(stages) == ["install", *gpu_suite.STAGES]
-    for name, r in stages.items():
-        assert set(r) == RECORD_KEYS, name
+def test_every_stage_of_both_runs_runs_and_records_itself(tiny_run):
+    final, _, out, printed = tiny_run
+    assert list(final) == ["install all", *RUNS["A"], *RUNS["B"]]
+    for name, r in final.items():
+        assert set(r) == set(records.KEYS), name
         assert r["status"] == "ok", (name, r["error"])
-        assert 0 <= r["seconds"] <= r["budget_s"] + 5, name
-    assert len({r["run"] for r in stages.values()}) == 1
-    install = stages["install"]["result"]
-    assert install["wheels"] == [] and "no wheels" in install["note"] and install["dali"].startswith("not installed")
-    env = stages["environment"]["result"]
+        assert 0 <= r["seconds"] <= r["budget_s"] + 5 or name.startswith("install"), name
+    assert len({r["run"] for r in final.values()}) == 1
+    install_result = final["install all"]["result"]
+    assert install_result["wheels"] == [] and "no wheels" in install_result["note"]
+    assert install_result["dali"].startswith("not installed")
+    env = final["environment"]["result"]
     assert env["gpu"] == "cpu" and env["cpu_count"] >= 1 and env["imports_torchvision"]
     table = (out / "results.md").read_text()
     assert table in printed
-    for stage in stages:
-        assert f"| {stage} | ok |" in table
+    for stage in final:
+        assert f"| {stage} | {final[stage]['run']} | ok |" in table
     assert "| fastbyol / the faster peer >= 1.3 (peers stage, same run) |" in table
-    assert "| LARS + EMA (foreach) < 2 % of the eager step |" in table
 
 
-def test_a_stage_past_its_budget_is_stopped_and_the_suite_goes_on(tmp_path):
+def test_figures_are_saved_the_moment_they_are_measured(tiny_run):
+    """The model stage saves after each variant: its first save holds the eager figure alone, and
+    every save comes before the stage's final line."""
+    _, lines, _, _ = tiny_run
+    model = [r for r in lines if r["stage"] == "model"]
+    assert [r["status"] for r in model[:-1]] == [records.RUNNING] * (len(model) - 1) and model[-1]["status"] == "ok"
+    assert [v["name"] for v in model[0]["result"]["variants"]] == ["eager"]
+    assert model[-1]["result"] == model[-2]["result"]  # the final line carries the newest save
+
+
+def test_a_stage_past_its_budget_is_stopped_and_the_run_goes_on(tmp_path):
     """Budgets far below a Python start-up with torch: every stage is killed, each is recorded, and
-    with the suite's time spent the rest are recorded as skipped."""
+    with the run's time spent the rest are recorded as skipped."""
     def run(*extra: str) -> list[dict]:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
-               "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-               "--wheelhouse", str(tmp_path / "none"), "--dali-parts", str(tmp_path / "none"), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        proc = _suite("run", "A", "--device", "cpu", "--tiny", "--out", str(tmp_path / "out"),
+                      "--work", str(tmp_path / "work"), "--wheelhouse", str(tmp_path / "none"),
+                      "--dali-parts", str(tmp_path / "none"), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+        return records.read([tmp_path / "out" / records.RESULTS])
 
-    records = run("--stages", "environment,ceiling", "--budget-scale", "0.01")
-    assert [(r["stage"], r["status"], r["result"]) for r in records[1:]] == [
+    got = run("--stages", "environment,ceiling", "--budget-scale", "0.01")
+    assert [(r["stage"], r["status"], r["result"]) for r in got[1:]] == [
         ("environment", "timeout", None), ("ceiling", "timeout", None)]
-    assert all(r["seconds"] < r["budget_s"] + 2 and "budget" in r["error"] for r in records[1:])
-    records = run("--stages", "model", "--total", "0")
-    assert records[-1]["stage"] == "model" and records[-1]["status"].startswith("skipped")
+    assert all(r["seconds"] < r["budget_s"] + 2 and "budget" in r["error"] for r in got[1:])
+    got = run("--stages", "model", "--total", "0")
+    assert got[-1]["stage"] == "model" and got[-1]["status"].startswith("skipped")
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| environment | timeout |" in table and "| model | skipped" in table
+    assert "| environment | A " in table and "| timeout |" in table and "| model | A " in table
+
+
+def test_bad_arguments_get_one_line_and_exit_code_2(tmp_path):
+    proc = _suite("run", "A", "--stages", "model,warp", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--stages: unknown warp" in proc.stderr
+    proc = _suite("report", str(tmp_path / "nothing.jsonl"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
 def test_targets_are_read_from_the_figures():
-    res = {"ceiling": {"byol_bar": 1000.0},
-           "model": {"variants": [{"name": "eager", "images_per_sec": 950.0}], "fused_ops": {"share_foreach": 0.03}},
+    res = {"ceiling": {"images_per_sec": 2000.0}, "ceiling_compiled": {"images_per_sec": 2400.0},
+           "model": {"variants": [{"name": "eager", "images_per_sec": 855.0}]}, "fused": {"share_foreach": 0.03},
            "peers": {"contenders": [{"name": "fastbyol", "status": "ok", "images_per_sec": 950.0},
                                     {"name": "lightly", "status": "ok", "images_per_sec": 500.0},
                                     {"name": "byol-pytorch", "status": "ok", "images_per_sec": 800.0}]},
            "loader": {"backends": {"ffcv": {"end_to_end_over_model": 0.98}}}}
-    got = {what.split(" ")[0]: (value, met) for what, value, met in gpu_suite.targets(res)}
+    got = {what.split(" ")[0]: (value, met) for what, value, met in targets(res)}
     assert got["fastbyol"] == ("1.19x", "no")  # 950 / 800: the faster peer is the bar
-    assert got["model-only"] == ("0.95", "yes")
+    assert got["model-only"] == ("0.95", "yes")  # 855 / (3/8 of the faster ceiling, 2400)
     assert got["LARS"] == ("3.0%", "no")
     assert got["ffcv:"] == ("0.980", "yes") and got["dali:"] == ("-", "not measured")
 
 
-def test_ceiling_and_model_figures_hold_their_invariants(tiny_run):
-    stages = tiny_run[0]
-    ceiling = stages["ceiling"]["result"]
-    assert positive(ceiling["images_per_sec"]["eager"]) and "compiled" in ceiling["skipped"]
-    assert ceiling["byol_bar"] == pytest.approx(max(ceiling["images_per_sec"].values()) * 3 / 8)
-    model = stages["model"]["result"]
-    assert [(v["name"], v["batch"]) for v in model["variants"]] == [
+def test_ceiling_model_and_ddp_figures_hold_their_invariants(tiny_run):
+    final = tiny_run[0]
+    ceiling = final["ceiling"]["result"]
+    assert positive(ceiling["images_per_sec"]) and ceiling["variant"] == "eager"
+    assert ceiling["byol_bar"] == pytest.approx(ceiling["images_per_sec"] * 3 / 8)
+    assert "skipped" in final["ceiling_compiled"]["result"]  # --tiny: no inductor compile on a CPU
+    variants = final["model"]["result"]["variants"] + final["ddp"]["result"]["variants"]
+    assert [(v["name"], v["batch"]) for v in variants] == [
         ("eager", 4), ("concat_views", 4), ("ddp 1 rank", 4), ("ddp 1 rank, gradient_as_bucket_view", 4)]
-    assert all(v["stride_warnings"] == [] for v in model["variants"][2:])  # channels_last, gloo on a CPU
-    for v in model["variants"]:
+    for v in variants:
         assert positive(v["images_per_sec"]) and v["step_ms"] == pytest.approx(1e3 * v["batch"] / v["images_per_sec"])
-    fused = model["fused_ops"]
-    assert set(fused["lars_ms"]) == {"foreach", "per-param loop"} and set(fused["ema_ms"]) >= {"foreach"}
-    for variant in ("foreach", "per-param loop"):  # a part of the step is less than the step
-        share = fused[f"share_{variant}"]
-        assert share == pytest.approx((fused["lars_ms"][variant] + fused["ema_ms"][variant])
-                                      / model["variants"][0]["step_ms"])
-        assert positive(share)
-    assert fused["ema_params"] < fused["lars_params"]  # the predictor has no target copy
-    assert "not checked on cpu" in model["host_syncs"]
+    assert all(v["stride_warnings"] == [] for v in variants[2:])  # channels_last, gloo on a CPU
+    assert final["ddp"]["result"]["label"] == DDP_LABEL and "SyncBN not measured" in DDP_LABEL
+    assert f"| {DDP_LABEL} | ddp 1 rank | 4 |" in (tiny_run[2] / "results.md").read_text()
+    assert "not checked on cpu" in final["model"]["result"]["host_syncs"]
+
+
+def test_lars_and_ema_share_is_taken_against_the_model_stages_eager_step(tiny_run):
+    final = tiny_run[0]
+    fused = final["fused"]["result"]
+    eager = final["model"]["result"]["variants"][0]
+    assert fused["eager_step_ms"] == eager["step_ms"]  # the figure of another stage of the same run
+    for variant in ("foreach", "per-param loop"):
+        assert fused[f"share_{variant}"] == pytest.approx(
+            (fused["lars_ms"][variant] + fused["ema_ms"][variant]) / eager["step_ms"])
+    cfg = load_config(None, ["data.backend=synthetic", "model.depth=18", "byol.hidden_dim=32", "byol.proj_dim=16"])
+    byol = build_model(cfg)
+    online = nn.ModuleList([byol.online_encoder, byol.online_projector, byol.predictor])
+    weights = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in online.modules())
+    assert fused["lars_launches"]["tensors"] == [weights, sum(1 for _ in online.parameters()) - weights]
+    assert fused["lars_launches"]["cuda_kernels"] is None  # counted on CUDA only
+
+
+def test_step_time_against_batch_is_written_as_it_is_measured(tiny_run):
+    final, _, out, _ = tiny_run
+    points = final["sweep"]["result"]["points"]
+    assert [p["batch"] for p in points] == list(TINY.sweep_batches)
+    written = [json.loads(line) for line in (out / SWEEP_FILE).read_text().splitlines()]
+    assert written == points
+    for p in points:
+        assert p["error"] is None and p["step_time_s"] * p["images_per_sec"] == pytest.approx(p["batch"])
 
 
 def test_peers_and_loader_stages(tiny_run):
-    stages = tiny_run[0]
-    contenders = {c["name"]: c for c in stages["peers"]["result"]["contenders"]}
+    final = tiny_run[0]
+    contenders = {c["name"]: c for c in final["peers"]["result"]["contenders"]}
     assert set(contenders) == {"fastbyol", "fastbyol-concat", "lightly", "byol-pytorch"}
     assert contenders["fastbyol"]["status"] == "ok" and contenders["fastbyol"]["ratio_to_fastbyol"] == 1.0
     for peer in ("lightly", "byol-pytorch"):
         assert contenders[peer]["status"] in ("ok", "not installed", "not importable")
-    loader = stages["loader"]["result"]
-    assert loader["images"]["images"] == gpu_suite.TINY.images and loader["images"]["mean_kb"] > 0
+    loader = final["loader"]["result"]
+    assert loader["images"]["images"] == TINY.images and loader["images"]["mean_kb"] > 0
     assert set(loader["backends"]) == {"folder", "ffcv"}
-    dali = stages["dali"]["result"]
+    dali = final["dali"]["result"]
     runs = {**loader["backends"], **dali.get("backends", {})}
     measured = {b: r for b, r in runs.items() if "error" not in r}
     assert "folder" in measured  # the reference path needs no optional package
@@ -142,6 +190,28 @@ def test_peers_and_loader_stages(tiny_run):
             assert backend in ("ffcv", "dali") and r["error"]  # a missing backend says so in one line
     if "ffcv" in measured:
         assert loader["convert"]["exit_code"] == 0 and loader["convert"]["beton_mb"] > 0
+
+
+def test_the_records_of_two_runs_read_as_one_table(tiny_run, tmp_path):
+    """A's and B's results.jsonl, from two commands, give one table: each stage's newest record."""
+    _, lines, _, _ = tiny_run
+    a, b = tmp_path / "A.jsonl", tmp_path / "B.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in lines if r["stage"] not in RUNS["B"]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in lines if r["stage"] in RUNS["B"]))
+    proc = _suite("report", str(a), str(b))
+    assert proc.returncode == 0, proc.stderr
+    from benchmarks.suite.runner import ORDER
+
+    assert proc.stdout == markdown(records.latest(lines, ORDER))
+    assert "| dali | all " in proc.stdout and "| ceiling | all " in proc.stdout
+
+
+def test_the_newest_record_of_a_stage_wins(tmp_path):
+    rows = [{"run": "a", "stage": "dali", "status": "ok", "result": {"skipped": "x"}},
+            {"run": "a", "stage": "ceiling", "status": "ok", "result": {}},
+            {"run": "b", "stage": "dali", "status": "ok", "result": {"backends": {}}}]
+    assert [(r["stage"], r["run"]) for r in records.latest(rows, ["ceiling", "dali"])] == [("ceiling", "a"),
+                                                                                            ("dali", "b")]
 
 
 def _parts(tmp_path: Path, n_parts: int = 3) -> tuple[Path, bytes]:
@@ -167,26 +237,24 @@ def _parts(tmp_path: Path, n_parts: int = 3) -> tuple[Path, bytes]:
 
 def test_dali_parts_are_joined_only_when_complete_and_intact(tmp_path):
     parts, payload = _parts(tmp_path)
-    joined = gpu_suite._joined_dali(parts, tmp_path / "into")
+    joined = joined_dali(parts, tmp_path / "into")
     assert joined["status"] == "installed"
     assert [w.read_bytes() for w in joined["wheels"]] == [payload]
 
     (parts / "dali.tar.part1").unlink()
-    missing = gpu_suite._joined_dali(parts, tmp_path / "into2")
+    missing = joined_dali(parts, tmp_path / "into2")
     assert missing["status"] == "not installed: 2 of 3 parts in %s (missing dali.tar.part1)" % parts
 
     parts, _ = _parts(tmp_path / "again")
     (parts / "dali.tar.part2").write_bytes(b"damaged")
-    assert "checksum of dali.tar.part2" in gpu_suite._joined_dali(parts, tmp_path / "into3")["status"]
-    assert "no " in gpu_suite._joined_dali(tmp_path / "nothing", tmp_path / "into4")["status"]
+    assert "checksum of dali.tar.part2" in joined_dali(parts, tmp_path / "into3")["status"]
+    assert "no " in joined_dali(tmp_path / "nothing", tmp_path / "into4")["status"]
 
 
-def _wheel(folder: Path, name: str, tag: str) -> Path:
-    """A minimal real wheel: one module `name` that sets VALUE = name."""
-    import zipfile
-
+def _wheel(folder: Path, name: str, tag: str, files: dict[str, str] | None = None) -> Path:
+    """A minimal real wheel: module `name` (VALUE = name), plus `files` (path -> text)."""
     info = f"{name}-1.0.dist-info"
-    files = {f"{name}.py": f"VALUE = {name!r}\n",
+    files = {f"{name}.py": f"VALUE = {name!r}\n", **(files or {}),
              f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
              f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
     files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
@@ -204,7 +272,7 @@ def test_install_targets_a_folder_and_one_refused_wheel_spares_the_others(tmp_pa
     _wheel(house, "omega", "cp27-cp27m-win32")  # no Python here can install it
     _wheel(house, "fastbyol", "py3-none-any")  # fastbyol runs from the tree, never from the wheelhouse
     site = tmp_path / "work" / "site"
-    result = gpu_suite.install(house, tmp_path / "no-parts", site)
+    result = install(house, tmp_path / "no-parts", site)
     assert result["wheels"] == ["alpha-1.0-py3-none-any.whl"]
     assert list(result["failed"]) == ["omega-1.0-cp27-cp27m-win32.whl"]
     assert "not a supported wheel" in result["failed"]["omega-1.0-cp27-cp27m-win32.whl"]
@@ -213,10 +281,15 @@ def test_install_targets_a_folder_and_one_refused_wheel_spares_the_others(tmp_pa
     assert result["dali"].startswith("not installed: no ")
 
 
-def test_the_newest_record_of_a_stage_wins(tmp_path):
-    results = tmp_path / "results.jsonl"
-    rows = [{"run": "a", "stage": "dali", "status": "ok", "result": {"skipped": "x"}},
-            {"run": "a", "stage": "ceiling", "status": "ok", "result": {}},
-            {"run": "b", "stage": "dali", "status": "ok", "result": {"backends": {}}}]
-    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert [(r["stage"], r["run"]) for r in gpu_suite.latest_records(results)] == [("ceiling", "a"), ("dali", "b")]
+def test_a_wheels_shared_libraries_reach_the_stages_library_path(tmp_path):
+    """nvidia-nvjpeg puts libnvjpeg.so.13 in nvidia/cu13/lib, which nvImageCodec finds by soname:
+    the stages' LD_LIBRARY_PATH must name that folder of the install target."""
+    from benchmarks.suite.install import library_path
+
+    house = tmp_path / "house"
+    house.mkdir()
+    _wheel(house, "nvjpeg_like", "py3-none-any", {"nvidia/cu13/lib/libnvjpeg.so.13": "not a real library"})
+    site = tmp_path / "site"
+    install(house, tmp_path / "no-parts", site)
+    assert library_path(site) == [str(site / "nvidia" / "cu13" / "lib")]
+    assert (site / "nvidia" / "cu13" / "lib" / "libnvjpeg.so.13").exists()

@@ -18,19 +18,15 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import peers  # noqa: E402
-
-from fastbyol.config import load_config  # noqa: E402
-from fastbyol.train import build_model  # noqa: E402
-from pipelines.synthetic import random_batch  # noqa: E402
+from benchmarks import peers
+from fastbyol.config import load_config
+from fastbyol.train import build_model
+from pipelines.synthetic import random_batch
 
 TINY = ["--device", "cpu", "--depth", "18", "--stem", "cifar", "--size", "16", "--batch", "4", "--hidden", "32",
         "--proj", "16", "--steps", "2", "--warmup", "1", "--rounds", "1"]

@@ -12,7 +12,7 @@
 #               never touches the node's torch, numpy, numba or opencv.
 # OUT/dali-K/   nvidia-dali-cuda130 and the dependencies the node lacks, as one tar split into
 #               parts of at most PART_MIB MiB (one per folder: one command's carry each), with
-#               SHA256SUMS; benchmarks/gpu_suite.py joins, checks and installs them.
+#               SHA256SUMS; benchmarks/suite/install.py joins, checks and installs them.
 # OUT/MANIFEST.txt  every file with its size, and what the GPU session carries in which command.
 #
 # Needs: pip access to PyPI, Debian's libturbojpeg0-dev / libopencv-dev / pkg-config / g++ (as
@@ -29,8 +29,12 @@ DALI_VERSION=2.4.0
 PEERS=(lightly==1.6.0 byol-pytorch==0.9.1 beartype==0.23.1
        hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3)
 FFCV_DEPS=(terminaltables==3.1.10 pytorch-pfn-extras==0.9.0 fastargs==1.2.0 assertpy==1.1)
-DALI_DEPS=(nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvimgcodec-cu13==0.9.0.20 astunparse==1.6.3 gast==0.7.0
-           libcst==1.9.0 makefun==1.16.0 nvtx==0.2.17 optree==0.20.0)
+# nvidia-nvjpeg: DALI's GPU ("mixed") JPEG decode goes through nvImageCodec, which dlopens
+# libnvjpeg.so.13 ($ORIGIN/../../cu13/lib beside it); the node's CUDA image has none. For CUDA 13 the
+# wheel is plain `nvidia-nvjpeg` (13.x); `nvidia-nvjpeg-cu13` is an empty placeholder. 13.0.x: the
+# node's CUDA runtime is 13.0.
+DALI_DEPS=(nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.0.4.44
+           astunparse==1.6.3 gast==0.7.0 libcst==1.9.0 makefun==1.16.0 nvtx==0.2.17 optree==0.20.0)
 # Libraries a manylinux wheel may take from the system: glibc's and the compiler's runtime.
 # Everything else FFCV's extension needs is vendored, even what auditwheel's policy whitelists.
 BASE_LIBS='^(libc|libm|libpthread|libdl|librt|libutil|ld-linux-x86-64|libstdc\+\+|libgcc_s)\.so'
