@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: no code generation (CPU tests, debugging)
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -45,11 +46,15 @@ class ModelConfig:
     # issue thread that the paper's runs used gamma = 1, so the code we can read decides.
     zero_init_residual: bool = True  # last BN gamma of each bottleneck block starts at 0 (official code); false: 1
     channels_last: bool = True  # NHWC memory format for the encoder and the views
-    compile: bool = False  # torch.compile the online and target networks
+    compile: bool = False  # torch.compile the online and the target network, each its own graph (the loss stays eager)
     compile_mode: str = choice("default", COMPILE_MODES)  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_backend: str = choice("inductor", COMPILE_BACKENDS)  # inductor | aot_eager | eager (no code generation: tests, debugging)
 
     def validate(self) -> None:
         check_fields(self, "model")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(f"model.compile_mode = {self.compile_mode!r} needs model.compile_backend = 'inductor' "
+                             f"(got {self.compile_backend!r}): modes are inductor's")
 
 
 @dataclass

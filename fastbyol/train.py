@@ -12,6 +12,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import signal
 import sys
@@ -52,6 +53,13 @@ class Components:
     autocast: Callable[[], contextlib.AbstractContextManager]
 
 
+# DDP without the buffer sync before each forward (build_components says why): torch 2.13 names it
+# forward_sync_buffers and deprecates broadcast_buffers, which older releases (2.11) alone know.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+
+
 def build_model(cfg: Config) -> BYOL:
     """The BYOL module of the config, on the CPU, parameters initialised from the global torch RNG."""
     encoder = resnet(cfg.model.depth, cfg.model.width, cfg.model.stem, cfg.model.zero_init_residual)
@@ -81,10 +89,17 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol
     if cfg.model.compile:
-        model.compile(mode=cfg.model.compile_mode)
+        compile_networks(byol, cfg.model.compile_mode, cfg.model.compile_backend)
     if info.enabled:
+        # No copy of rank 0's BatchNorm buffers to every rank before each forward. Training reads
+        # none of them: online and target both run in train mode, on batch statistics. With
+        # dist.sync_bn those statistics are the global batch's, so every rank's running mean / var
+        # move identically anyway; without it each rank's follow its own batches, and rank 0's
+        # evolve exactly as they did with the broadcast (it only ever sent rank 0's), so the
+        # checkpoints, written by rank 0, are unchanged (the kNN monitor's share of the images on
+        # another rank is then encoded with that rank's own statistics).
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model, device_ids=[device.index] if device.type == "cuda" else None, **NO_FORWARD_BUFFER_SYNC,
             bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
             gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
     precision = cfg.train.precision
@@ -97,6 +112,23 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
         return torch.autocast(device.type, dtype=dtype)
 
     return Components(model, byol, optimizer, ema, scaler, autocast)
+
+
+def compile_networks(byol: BYOL, mode: str, backend: str) -> None:
+    """torch.compile the online network (encoder -> projector -> predictor) and the target network
+    (encoder -> projector) of `byol`, each as its own function; the loss around them stays eager.
+
+    Not one trace of the whole BYOL forward (four ResNet forwards and two backwards, minutes of
+    cold compile): the online graph serves both views, the target's is forward-only, and a graph
+    break (SyncBatchNorm's collectives) cuts one network's graph, not the whole step's. The
+    networks' forward functions are compiled, not their modules: nn.Module.compile() on the heads
+    (nn.Sequential, whose forward is torch's own code, which dynamo skips as a first frame)
+    compiles nothing, and torch.compile(module) would rename every state_dict key (`_orig_mod.`).
+    `mode` is inductor's (the config checks that); the other backends take none.
+    """
+    options = {"backend": backend, "mode": mode} if backend == "inductor" else {"backend": backend}
+    byol._online = torch.compile(byol._online, **options)  # instance attributes, shadowing the methods
+    byol._target = torch.compile(byol._target, **options)
 
 
 def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float) -> BYOLOutput:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -54,8 +55,23 @@ def fixed_views() -> tuple[torch.Tensor, torch.Tensor]:
                  .contiguous(memory_format=torch.channels_last) for _ in range(2))
 
 
-def run_components(info: dist.DistInfo, sync_bn: bool) -> dict:
+class BroadcastingDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP as build_components made it before: rank 0's buffers broadcast to every rank each forward
+    (DDP's default, which build_components turns off)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **{k: v for k, v in kwargs.items()
+                                   if k not in ("broadcast_buffers", "forward_sync_buffers")})
+
+
+def forward_buffer_sync(model: torch.nn.Module) -> bool:
+    """Whether this DDP copies rank 0's buffers to every rank before each forward (both torch names)."""
+    return getattr(model, "forward_sync_buffers", getattr(model, "broadcast_buffers", None))
+
+
+def run_components(info: dist.DistInfo, sync_bn: bool, broadcast_buffers: bool = False) -> dict:
     """STEPS train_steps on this rank's half of fixed_views() (all of it in a single process).
+    `broadcast_buffers`: DDP as before (build_components turns the buffer broadcast off).
 
     In float64: BYOL's gradient at initialisation is ill-conditioned, and in float32 merely
     summing a BatchNorm's statistics in another order changes some gradients by ~1% (measured),
@@ -66,7 +82,9 @@ def run_components(info: dist.DistInfo, sync_bn: bool) -> dict:
     torch.set_default_dtype(torch.float64)
     try:
         cfg = load_config(None, [*COMPONENTS, f"dist.sync_bn={str(sync_bn).lower()}"], world_size=info.world_size)
-        c = build_components(cfg, torch.device("cpu"), info, peak_lr=LR)
+        with mock.patch.object(torch.nn.parallel, "DistributedDataParallel",
+                               BroadcastingDDP if broadcast_buffers else torch.nn.parallel.DistributedDataParallel):
+            c = build_components(cfg, torch.device("cpu"), info, peak_lr=LR)
         init = {k: v.detach().clone() for k, v in c.byol.state_dict().items()}
         view1, view2 = fixed_views()
         share = slice(info.rank * 2 * B // info.world_size, (info.rank + 1) * 2 * B // info.world_size)
@@ -79,7 +97,8 @@ def run_components(info: dist.DistInfo, sync_bn: bool) -> dict:
         torch.set_default_dtype(default)
     bn_types = sorted({type(m).__name__ for m in c.byol.modules() if "Norm" in type(m).__name__})
     return {"state": {k: v.detach().clone() for k, v in c.byol.state_dict().items()}, "init": init,
-            "losses": losses, "local_losses": local, "bn_types": bn_types}
+            "losses": losses, "local_losses": local, "bn_types": bn_types,
+            "forward_buffer_sync": forward_buffer_sync(c.model)}
 
 
 # ---------------------------------------------------------------- the per-rank worker (torchrun runs this file)
@@ -102,6 +121,8 @@ def _worker(argv: list[str]) -> int:
         }
         for sync_bn in (True, False):
             torch.save(run_components(info, sync_bn), workdir / f"components_sync{int(sync_bn)}_rank{info.rank}.pt")
+            torch.save(run_components(info, sync_bn, broadcast_buffers=True),
+                       workdir / f"components_sync{int(sync_bn)}_broadcast_rank{info.rank}.pt")
             result[f"components_sync{int(sync_bn)}_s"] = time.perf_counter() - start
         # Each rank runs in its own empty directory with the relative run_dir "run": a file written
         # by rank 1 would land in rank1/run, so "only rank 0 writes" is a directory listing.
@@ -398,12 +419,29 @@ def test_every_rank_holds_identical_online_and_target_parameters(two_ranks, no_l
         # and the weights did move: the online by LARS, the target by the EMA towards it
         assert max_change(rank0["state"], init, "online_") > 1e-3
         assert max_change(rank0["state"], init, "target_") > 1e-4
-        # DDP broadcasts rank 0's buffers (online and target BN running statistics) before each
-        # forward; with per-rank BatchNorm only the last forward's local update tells them apart
+        # no buffer broadcast: the BN running statistics agree across ranks exactly when the
+        # statistics are global (sync_bn); with per-rank BatchNorm each rank's follow its batches
         differ = [k for k in rank0["state"] if not torch.equal(rank0["state"][k], rank1["state"][k])]
         assert all("running_" in k for k in differ) and bool(differ) == (sync == 0), differ
     rank0 = torch.load(two_ranks / "components_sync1_rank0.pt")
     assert rank0["bn_types"] == ["CPUSyncBatchNorm"]
+
+
+@pytest.mark.parametrize("sync", [1, 0])
+def test_without_the_buffer_broadcast_losses_and_rank0_state_are_those_of_before(two_ranks, no_launcher, sync):
+    """DDP's broadcast_buffers=False changes nothing training reads: the losses of every step and
+    rank 0's whole state (the checkpoint) equal those of the same run with the broadcast, bit for
+    bit; only rank 1's running statistics, never used in train mode, may differ (per-rank BN)."""
+    for rank in range(2):
+        now, before = (torch.load(two_ranks / f"components_sync{sync}{tag}_rank{rank}.pt")
+                       for tag in ("", "_broadcast"))
+        assert (now["forward_buffer_sync"], before["forward_buffer_sync"]) == (False, True)
+        assert now["losses"] == before["losses"] and now["local_losses"] == before["local_losses"]
+        differ = [k for k in now["state"] if not torch.equal(now["state"][k], before["state"][k])]
+        if rank == 0 or sync:
+            assert differ == [], differ
+        else:  # the broadcast had overwritten rank 1's statistics with rank 0's before each forward
+            assert differ and all("running_" in k for k in differ), differ
 
 
 def test_two_ranks_of_b_match_one_rank_of_2b_with_sync_bn(two_ranks, no_launcher):

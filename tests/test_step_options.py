@@ -3,7 +3,8 @@
 Their speed is measured by benchmarks/gpu_suite.py on a GPU; here only what they do:
 - dist.gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets (a few shared
   storages instead of one per parameter) and the step computes exactly the same parameters;
-- model.compile_mode: validated, and handed to torch.compile;
+- model.compile: each network compiled on its own (mode and backend validated together), and
+  training as the eager networks do;
 - no host sync inside a step: train_step never converts a tensor to a Python value.
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from fastbyol import dist
+from fastbyol.byol import BYOL
 from fastbyol.config import ConfigError, load_config
 from fastbyol.train import build_components, train_step
 
@@ -68,14 +70,42 @@ def test_gradient_as_bucket_view_puts_grads_in_the_buckets_and_changes_no_result
         torch.testing.assert_close(state_bv[key], state_plain[key], rtol=0, atol=0, msg=key)
 
 
-def test_compile_mode_is_validated_and_handed_to_torch_compile(monkeypatch):
+def test_compile_options_are_validated_and_each_network_is_compiled_on_its_own(monkeypatch):
     with pytest.raises(ConfigError, match="model.compile_mode = 'fast'"):
         load_config(None, [*TINY, "model.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="model.compile_mode = 'reduce-overhead' needs model.compile_backend"):
+        load_config(None, [*TINY, "model.compile_mode=reduce-overhead", "model.compile_backend=aot_eager"])
     seen = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((fn, kw)) or fn)
     cfg = load_config(None, [*TINY, "model.compile=true", "model.compile_mode=reduce-overhead"])
-    build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
-    assert seen == [{"mode": "reduce-overhead"}]
+    c = build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
+    # the online and the target network's forward functions, of this model; not the BYOL forward
+    assert [(fn.__func__, fn.__self__) for fn, _ in seen] == [(BYOL._online, c.byol), (BYOL._target, c.byol)]
+    assert all(kw == {"backend": "inductor", "mode": "reduce-overhead"} for _, kw in seen)
+
+
+def _two_steps(*overrides: str) -> tuple[list[float], dict]:
+    cfg = load_config(None, [*TINY, *overrides])
+    c = build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
+    view1, view2 = views()
+    losses = [train_step(c, view1, view2, 0.1, 0.99).loss.item() for _ in range(2)]
+    return losses, {k: v.detach().clone() for k, v in c.byol.state_dict().items()}
+
+
+def test_compiled_networks_train_as_the_eager_ones():
+    """model.compile through torch.compile for real (aot_eager: dynamo's graphs and AOT autograd's
+    forward and backward, without inductor's code generation, which takes minutes on a CPU): the
+    online and the target network each become a compiled frame, and two steps give the losses and
+    parameters of eager networks."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_losses, compiled_state = _two_steps("model.compile=true", "model.compile_backend=aot_eager")
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    eager_losses, eager_state = _two_steps()
+    assert frames.get("ok", 0) >= 2 and frames.get("ok") == frames.get("total"), frames
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-6)
+    for key in eager_state:
+        torch.testing.assert_close(compiled_state[key], eager_state[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 HOST_CONVERSIONS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
