@@ -129,13 +129,19 @@ def test_ceiling_model_and_ddp_figures_hold_their_invariants(tiny_run):
     ceiling = final["ceiling"]["result"]
     assert positive(ceiling["images_per_sec"]) and ceiling["variant"] == "eager"
     assert ceiling["byol_bar"] == pytest.approx(ceiling["images_per_sec"] * 3 / 8)
-    assert "skipped" in final["ceiling_compiled"]["result"]  # --tiny: no inductor compile on a CPU
-    variants = final["model"]["result"]["variants"] + final["ddp"]["result"]["variants"]
+    compiled = final["ceiling_compiled"]["result"]
+    assert compiled["compile_backend"] == "aot_eager" and compiled["byol_bar"] == pytest.approx(
+        compiled["images_per_sec"] * 3 / 8)
+    variants = [v for stage in ("model", "ddp", "compile") for v in final[stage]["result"]["variants"]]
     assert [(v["name"], v["batch"]) for v in variants] == [
-        ("eager", 4), ("concat_views", 4), ("ddp 1 rank", 4), ("ddp 1 rank, gradient_as_bucket_view", 4)]
+        ("eager", 4), ("concat_views", 4), ("ddp 1 rank", 4), ("ddp 1 rank, gradient_as_bucket_view", 4),
+        ("compile", 4)]
     for v in variants:
         assert positive(v["images_per_sec"]) and v["step_ms"] == pytest.approx(1e3 * v["batch"] / v["images_per_sec"])
-    assert all(v["stride_warnings"] == [] for v in variants[2:])  # channels_last, gloo on a CPU
+    assert variants[-1]["overrides"] == ["model.compile=true", "model.compile_backend=aot_eager"]
+    assert 0 < variants[-1]["compile_seconds"]  # the first step's wall time, saved before the windows
+    assert "CUDA graphs need CUDA" in final["cudagraphs"]["result"]["skipped"]
+    assert all(v["stride_warnings"] == [] for v in variants[2:4])  # channels_last, gloo on a CPU
     assert final["ddp"]["result"]["label"] == DDP_LABEL and "SyncBN not measured" in DDP_LABEL
     assert f"| {DDP_LABEL} | ddp 1 rank | 4 |" in (tiny_run[2] / "results.md").read_text()
     assert "not checked on cpu" in final["model"]["result"]["host_syncs"]
