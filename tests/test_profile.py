@@ -16,7 +16,8 @@ import torch
 
 from fastbyol import cli
 from fastbyol.config import load_config
-from fastbyol.profile import VERDICTS, knobs, parse_sweep, profile, verdict
+from fastbyol.profile import knobs, parse_sweep, profile
+from fastbyol.verdict import VERDICTS, verdict
 from pipelines.demo import make_demo_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
