@@ -25,6 +25,8 @@ LAZY = {
                  "fastbyol.models.resnet", "pipelines.convert", "pipelines.labelled")},
     ("pipelines.ffcv", "pipelines.ffcv_decode"): "an optional backend: ffcv_decode imports ffcv and numba at module "
                                                  "level, and `import pipelines` must work without them",
+    ("pipelines.convert", "pipelines.ffcv_writer"): "an optional backend: ffcv_writer imports ffcv at module level, "
+                                                    "and convert names what to install when it is missing",
     ("pipelines.dali", "pipelines.folder"): "pipelines/dali.py is being rewritten by the GPU issue (18), which owns "
                                             "the file; no circle (folder imports nothing of dali)",
 }
