@@ -26,7 +26,7 @@ from benchmarks.suite.stages import RUNS
 from benchmarks.suite.table import markdown, targets
 from fastbyol.config import load_config
 from fastbyol.profile import VERDICTS
-from fastbyol.train import build_model
+from fastbyol.step import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = [sys.executable, "-m", "benchmarks.gpu_suite"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from benchmarks import peers
 from fastbyol.config import load_config
-from fastbyol.train import build_model
+from fastbyol.step import build_model
 from pipelines.synthetic import random_batch
 
 TINY = ["--device", "cpu", "--depth", "18", "--stem", "cifar", "--size", "16", "--batch", "4", "--hidden", "32",

@@ -130,7 +130,7 @@ def _ddp_one_rank(ctx: Context, overrides: tuple[str, ...]) -> dict[str, Any]:
 
     from fastbyol import dist
     from fastbyol.config import load_config
-    from fastbyol.train import build_components, train_step
+    from fastbyol.step import build_components, train_step
     from pipelines.synthetic import random_batch
 
     class OneRank(dist.DistInfo):

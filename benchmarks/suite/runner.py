@@ -24,6 +24,7 @@ from benchmarks.suite.install import install, library_path
 from benchmarks.suite.sizes import TINY, Sizes
 from benchmarks.suite.stages import BY_NAME, STAGES
 from benchmarks.suite.table import markdown
+from fastbyol.checkpoint import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 ORDER = ("install A", "install B", "install all", *(s.name for s in STAGES))
@@ -45,10 +46,9 @@ class Options:
 
 
 def write_table(out: Path) -> None:
-    """results.md from the newest record of each stage in results.jsonl."""
-    tmp = out / "results.md.tmp"
-    tmp.write_text(markdown(records.latest(records.read([out / records.RESULTS]), ORDER)))
-    tmp.replace(out / "results.md")
+    """results.md from the newest record of each stage in results.jsonl (the old table or the whole
+    new one, whenever the command is stopped)."""
+    atomic_write_text(markdown(records.latest(records.read([out / records.RESULTS]), ORDER)), out / "results.md")
 
 
 def run(name: str, stage_names: list[str], opts: Options) -> int:
