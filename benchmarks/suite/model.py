@@ -78,7 +78,8 @@ def peer_step(ctx: Context) -> dict[str, Any]:
 
 def sweep(ctx: Context) -> dict[str, Any]:
     """Run A: the eager step at each per-GPU batch of `sweep_batches`, smallest first; each figure is
-    appended to OUT/step_time_vs_batch.jsonl the moment it is measured (the scale-out model's input)."""
+    appended to OUT/step_time_vs_batch.jsonl the moment it is measured (benchmarks/scaling_model.py
+    --sweep reads it)."""
     s = ctx.sizes
     gpu = torch.cuda.get_device_name() if ctx.cuda else "cpu"
     result: dict[str, Any] = {"file": SWEEP_FILE, "points": []}
@@ -88,8 +89,9 @@ def sweep(ctx: Context) -> dict[str, Any]:
                  "images_per_sec": row.get("images_per_sec"), "peak_memory_bytes": row.get("peak_memory_bytes"),
                  "error": row.get("error"), "gpu": gpu, "variant": "eager, per-view BatchNorm",
                  "depth": s.depth, "size": s.size, "precision": ctx.precision, "run": ctx.run_id}
-        with (ctx.out / SWEEP_FILE).open("a") as f:
-            f.write(json.dumps(point) + "\n")
+        if point["error"] is None:  # the file holds measured points only; an error stays in results.jsonl
+            with (ctx.out / SWEEP_FILE).open("a") as f:
+                f.write(json.dumps(point) + "\n")
         result["points"].append(point)
         ctx.save(result)
     return result
