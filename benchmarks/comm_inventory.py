@@ -1,7 +1,7 @@
 """What one BYOL training step sends: every collective of a real `fastbyol train` step, recorded.
 
-    python benchmarks/comm_inventory.py --out results/comm_inventory.json      # the sweep below, ~10 min on 2 cores
-    python benchmarks/comm_inventory.py --nproc 2 --models 18x1 --out /tmp/inv.json
+    python benchmarks/comm_inventory.py --nproc 2 --out benchmarks/data/comm_inventory.json
+    python benchmarks/comm_inventory.py --nproc 4 --models 18x1,50x1 --append --out benchmarks/data/comm_inventory.json
 
 Each configuration runs `fastbyol.train.train` for 3 steps under torchrun (gloo, CPU, one thread
 per process, synthetic 32 px views, 2 images per rank) inside a `CollectiveRecorder`, and keeps the
@@ -265,6 +265,11 @@ def config_overrides(depth: int, width: int, concat: bool, per_rank: int, world:
             "dist.gradient_as_bucket_view=true", *extra]
 
 
+class _Recorded(Exception):
+    """Raised by the step hook after the last recorded step: train() stops before its final
+    checkpoint (gigabytes for ResNet-200 2x, nothing that is sent)."""
+
+
 def record_training(overrides: list[str], run_dir: str) -> tuple[CollectiveRecorder, object]:
     """3 steps of `fastbyol train` with `overrides` while recording; (recorder, the config)."""
     from fastbyol.config import load_config
@@ -272,8 +277,17 @@ def record_training(overrides: list[str], run_dir: str) -> tuple[CollectiveRecor
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None, [*overrides, f"train.run_dir={run_dir}"], world_size=world)
+
+    def mark(step: int) -> None:
+        recorder.mark(step)
+        if step == cfg.train.max_steps:
+            raise _Recorded
+
     with CollectiveRecorder() as recorder:
-        train(cfg, force=True, step_hook=recorder.mark)
+        try:
+            train(cfg, force=True, step_hook=mark)
+        except _Recorded:
+            pass
     return recorder, cfg
 
 
@@ -335,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", default="2,4", help="process counts, comma-separated")
     p.add_argument("--per-rank", type=int, default=2, help="images per rank per step")
     p.add_argument("--out", default="comm_inventory.json")
+    p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--table", action="store_true", help="print the table of the records in --out and stop")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--concat", action="store_true", help=argparse.SUPPRESS)
@@ -342,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    steps = []
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return 0
+    torch.set_num_threads(1)
+    steps = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else []
     for model in args.models.split(","):
         for nproc in (int(n) for n in args.nproc.split(",")):
             for concat in (False, True):

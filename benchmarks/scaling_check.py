@@ -2,17 +2,22 @@
 
     python benchmarks/scaling_check.py --nproc 2,4 --rounds 5
 
-Under torchrun, N processes of one thread each. Every round, interleaved so that the load of a
-shared machine touches all three alike:
+Under torchrun, N processes of one thread each, three variants of a small BYOL (per-view SyncBN,
+concat_views SyncBN, no SyncBN). Every round, interleaved so that the load of a shared machine
+touches everything alike, for each variant:
   1. compute: one training step of a copy of the model with plain BatchNorm and no DDP, at the
-     per-rank batch (what the step would cost without any collective);
+     per-rank batch (what the step costs without any collective);
   2. the real step: DDP + CPUSyncBatchNorm (build_components, train_step), its collectives
      recorded by comm_inventory.CollectiveRecorder;
-  3. this machine's loopback: gloo all-reduces of 8 B and 16 MiB -> latency a and bandwidth B.
-Prediction for round r: scaling_model.step_time with cost(S) = a + S / B (bytes as CPUSyncBatchNorm
-sends them), the round's own compute, and the step's recorded collectives; and the serial bound,
-compute + every collective's cost (nothing hidden). Reported: the medians over rounds and their
-spread (min-max), and the error of the median prediction.
+and once: this machine's loopback, gloo all-reduces of 8 B and 16 MiB -> latency a, bandwidth B.
+The model for round r: scaling_model.step_time with cost(S) = a + S / B (bytes as
+CPUSyncBatchNorm sends them), the round's compute and the step's recorded collectives.
+
+On an oversubscribed machine each collective also waits for the other ranks to be scheduled,
+which a probe run right after a barrier does not see. That cost per collective is fitted on the
+concat variant ((measured - model) / collectives, median over rounds) and then predicts the
+per-view and the no-SyncBN variants: the check of the model's structure (what is on the critical
+path, how many collectives, what DDP hides). Reported: medians over rounds with their min-max.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def _loopback(repeats: int = 5) -> tuple[float, float]:
     return t_small, (LARGE - SMALL) / max(t_large - t_small, 1e-9)
 
 
+VARIANTS = {"per_view": [], "concat": ["byol.concat_views=true"], "no_sync_bn": ["dist.sync_bn=false"]}
+
+
 def _worker(rounds: int, per_rank: int, out: Path) -> None:
     from fastbyol import dist
     from fastbyol.config import load_config
@@ -67,53 +75,67 @@ def _worker(rounds: int, per_rank: int, out: Path) -> None:
 
     torch.set_num_threads(1)
     info, device = dist.init("cpu")
-    cfg = load_config(None, [*MODEL, f"data.batch_size={per_rank * info.world_size}"], world_size=info.world_size)
-    alone = build_components(cfg, device, dist.DistInfo(), peak_lr=0.1)  # plain BN, no DDP: compute only
     recorder = comm_inventory.CollectiveRecorder()
-    with recorder:
-        shared = build_components(cfg, device, info, peak_lr=0.1)
+    pairs = {}
+    for name, extra in VARIANTS.items():
+        cfg = load_config(None, [*MODEL, *extra, f"data.batch_size={per_rank * info.world_size}"],
+                          world_size=info.world_size)
+        alone = build_components(cfg, device, dist.DistInfo(), peak_lr=0.1)  # plain BN, no DDP: compute only
+        with recorder:  # DDP's comm hook is registered at construction
+            shared = build_components(cfg, device, info, peak_lr=0.1)
+        pairs[name] = (alone, shared)
     g = torch.Generator().manual_seed(info.rank)
     views = [torch.randn(per_rank, 3, 16, 16, generator=g) for _ in range(2)]
-    for c in (alone, shared):  # warm-up: optimizer state, DDP's bucket rebuild
-        for _ in range(2):
+    for alone, shared in pairs.values():  # warm-up: optimizer state, DDP's bucket rebuild
+        for c in (alone, shared, alone, shared):
             train_step(c, *views, 0.1, 0.99)
-    rows = []
+    rows, steps = [], {}
     for _ in range(rounds):
-        compute = _timed(lambda: train_step(alone, *views, 0.1, 0.99))
-        tdist.barrier()
-        with recorder:
-            recorder.mark()
-            start = time.perf_counter()
-            train_step(shared, *views, 0.1, 0.99)
-            step = time.perf_counter() - start
-            recorder.mark()
-        latency, bandwidth = _loopback()
-        rows.append({"compute": compute, "step": step, "latency": latency, "bandwidth": bandwidth})
+        row = {}
+        for name, (alone, shared) in pairs.items():
+            row[f"{name}_compute"] = _timed(lambda: train_step(alone, *views, 0.1, 0.99))
+            tdist.barrier()
+            with recorder:
+                recorder.mark()
+                start = time.perf_counter()
+                train_step(shared, *views, 0.1, 0.99)
+                row[f"{name}_step"] = time.perf_counter() - start
+                recorder.mark()
+            steps[name] = comm_inventory.summarize(recorder.segment(len(recorder.marks) - 1))
+        row["latency"], row["bandwidth"] = _loopback()
+        rows.append(row)
     every = dist.all_gather_object(rows)
-    if info.is_main:  # per round: the slowest rank's step and compute (the step waits for it), rank 0's probes
-        merged = [{**rows[r], "compute": max(e[r]["compute"] for e in every), "step": max(e[r]["step"] for e in every)}
-                  for r in range(rounds)]
-        summary = comm_inventory.summarize(recorder.segment(len(recorder.marks) - 1))
-        out.write_text(json.dumps({"world": info.world_size, "per_rank": per_rank, "rounds": merged, "step": summary}))
+    if info.is_main:  # per round: the slowest rank's times (the step waits for it), rank 0's probes
+        merged = [{k: max(e[r][k] for e in every) if k.endswith(("_compute", "_step")) else v
+                   for k, v in rows[r].items()} for r in range(rounds)]
+        out.write_text(json.dumps({"world": info.world_size, "per_rank": per_rank, "rounds": merged, "steps": steps}))
     dist.shutdown()
 
 
-def predict(result: dict) -> list[dict]:
-    """Per round: measured step, the model's prediction and the serial bound, from that round's figures."""
-    step = result["step"]
-    step.update(model="check", concat_views=False, world=result["world"])
-    comm = scaling_model.load_inventory_steps([step])[("check", False)]
+def predict(result: dict, name: str, sync_cost: float = 0.0) -> list[dict]:
+    """Per round: measured step of variant `name` and the model's prediction from that round's
+    compute and loopback figures; `sync_cost`: seconds added to every collective's latency."""
+    step = result["steps"][name]
+    step.update(model=name, concat_views=False, world=result["world"])
+    comm = scaling_model.load_inventory_steps([step])[(name, False)]
     n, out = result["world"], []
     for r in result["rounds"]:
         def cost(kind: str, nbytes: float, ranks: int, r: dict = r) -> float:
-            return r["latency"] + nbytes / r["bandwidth"]
-        compute = scaling_model.Compute(r["compute"], 0.0, "measured")
-        opt = scaling_model.Options(bn_collective="all_reduce", log_every=10**9)  # the check's steps read no metric
+            return r["latency"] + sync_cost + nbytes / r["bandwidth"]
+        compute = scaling_model.Compute(r[f"{name}_compute"], 0.0, "measured")
+        # CPUSyncBatchNorm: one all-reduce each way; the check's steps read no metric
+        opt = scaling_model.Options(bn_collective="all_reduce", log_every=10**9, sync_bn=name != "no_sync_bn")
         model = scaling_model.step_time(comm, compute, n, result["per_rank"], cost, opt).total
-        serial = r["compute"] + sum(cost("all_reduce", v["bytes"] / max(v["calls"], 1), n) * v["calls"]
-                                    for v in step["totals"].values())
-        out.append({"measured": r["step"], "model": model, "serial": serial, **r})
+        out.append({"measured": r[f"{name}_step"], "model": model, "compute": r[f"{name}_compute"],
+                    "latency": r["latency"], "bandwidth": r["bandwidth"]})
     return out
+
+
+def sync_cost_from(result: dict, name: str) -> float:
+    """The per-collective cost the loopback probe misses (ranks arriving apart on a shared machine),
+    from variant `name`: median over rounds of (measured - model) / collectives in its step."""
+    calls = result["steps"][name]["calls"]
+    return statistics.median((r["measured"] - r["model"]) / calls for r in predict(result, name))
 
 
 def run(nproc: int, rounds: int, per_rank: int) -> dict:
@@ -140,23 +162,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args.rounds, args.per_rank, args.out)
         return 0
-    print("| processes | compute s | loopback latency us | loopback GB/s | measured step s | model s | error | "
-          "serial bound s | step collectives |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| processes | variant | collectives | compute s | measured step s | model s | error | "
+          "model + sync cost s | error |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     raw = []
     for nproc in (int(n) for n in args.nproc.split(",")):
         result = run(nproc, args.rounds, args.per_rank)
-        rounds = predict(result)
-        raw.append({"world": nproc, "rounds": rounds})
+        raw.append(result)
+        sync = sync_cost_from(result, "concat")  # fitted on one variant, predicts the others
 
-        def cell(key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
-            values = [r[key] * scale for r in rounds]
-            return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-        measured = statistics.median(r["measured"] for r in rounds)
-        model = statistics.median(r["model"] for r in rounds)
-        print(f"| {nproc} | {cell('compute')} | {cell('latency', 1e6, '.0f')} | {cell('bandwidth', 1e-9, '.2f')} | "
-              f"{cell('measured')} | {cell('model')} | {(model - measured) / measured:+.0%} | {cell('serial')} | "
-              f"{result['step']['calls']} |", flush=True)
+        def cell(rows: list[dict], key: str) -> str:
+            values = [r[key] for r in rows]
+            return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+        for name in VARIANTS:
+            plain, fitted = predict(result, name), predict(result, name, sync)
+            measured = statistics.median(r["measured"] for r in plain)
+
+            def err(rows: list[dict]) -> str:
+                return f"{(statistics.median(r['model'] for r in rows) - measured) / measured:+.0%}"
+            print(f"| {nproc} | {name} | {result['steps'][name]['calls']} | {cell(plain, 'compute')} | "
+                  f"{cell(plain, 'measured')} | {cell(plain, 'model')} | {err(plain)} | {cell(fitted, 'model')} | "
+                  f"{err(fitted)}{' (fitted here)' if name == 'concat' else ''} |", flush=True)
+        probe = result["rounds"]
+        print(f"|  | loopback: latency {statistics.median(r['latency'] for r in probe) * 1e6:.0f} us, "
+              f"{statistics.median(r['bandwidth'] for r in probe) / 1e9:.2f} GB/s; sync cost {sync * 1e3:.2f} ms "
+              f"per collective |  |  |  |  |  |  |  |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(raw))
     return 0

@@ -69,11 +69,17 @@ PROTO_BW = (1 / 4, 0.92, 1.0)  # share of the bus bandwidth each protocol reache
 
 @dataclass(frozen=True)
 class Network:
-    """GPUs per node, bus bandwidths (bytes/s) within and across nodes."""
+    """GPUs per node; bus bandwidths in bytes/s: NVLink per GPU, InfiniBand per GPU (one NIC each)."""
 
     per_node: int = 8
     intra_bw: float = FIGURES["nvlink_busbw"][0] * 1e9
-    inter_bw: float = FIGURES["ib_busbw"][0] * 1e9
+    nic_bw: float = FIGURES["ib_busbw"][0] * 1e9
+
+    @property
+    def inter_bw(self) -> float:
+        """A ring or tree across nodes: NCCL runs one channel per NIC (rail), so a node moves
+        per_node x nic_bw (estimate from the line rates; NVLink caps it)."""
+        return min(self.intra_bw, self.per_node * self.nic_bw)
 
 
 def collective_time(kind: str, nbytes: float, ranks: int, net: Network) -> tuple[float, str]:
@@ -166,12 +172,27 @@ class Compute:
         return self.fixed_s + batch * self.per_image_s
 
 
-def published_compute(ops_per_step: int) -> Compute:
-    """The estimate until the GPU suite's sweep exists: NVIDIA's A100 figure x 8/3, plus a fixed cost."""
-    per_image = FIGURES["byol_cost"][0] / FIGURES["rn50_a100_amp"][0]
-    fixed = ops_per_step * FIGURES["fixed_per_op"][0]
-    return Compute(fixed, per_image, f"estimate: A100 supervised ResNet-50 2470 images/s (published) x 8/3, "
-                                     f"+ {ops_per_step} operators x {FIGURES['fixed_per_op'][0] * 1e6:.0f} us")
+def flops_ratio(model: str) -> float:
+    """FLOPs of a BYOL step of `model` (DEPTHxWIDTH) over ResNet-50 1x's, at 224 px (counted)."""
+    from fastbyol.config import load_config
+    from fastbyol.utilization import step_flops_per_image
+
+    def flops(m: str) -> float:
+        depth, width = m.split("x")
+        return step_flops_per_image(load_config(None, [f"model.depth={depth}", f"model.width={width}",
+                                                       "data.backend=synthetic"]))
+    return 1.0 if model == "50x1" else flops(model) / flops("50x1")
+
+
+def published_compute(comm: StepComm) -> Compute:
+    """The estimate until the GPU suite's sweep exists: NVIDIA's A100 ResNet-50 figure x 8/3 (other
+    models scaled by their counted FLOPs), plus the step's operators x a fixed cost each."""
+    ratio = flops_ratio(comm.model)
+    per_image = FIGURES["byol_cost"][0] / FIGURES["rn50_a100_amp"][0] * ratio
+    fixed = comm.ops_per_step * FIGURES["fixed_per_op"][0]
+    scaled = "" if ratio == 1 else f" x {ratio:.2f} (FLOPs of ResNet-{comm.model} over ResNet-50, counted)"
+    return Compute(fixed, per_image, f"estimate: A100 supervised ResNet-50 2470 images/s (published) x 8/3{scaled}, "
+                                     f"+ {comm.ops_per_step} operators (counted) x {FIGURES['fixed_per_op'][0] * 1e6:.0f} us")
 
 
 def sweep_compute(path: Path) -> Compute:
@@ -179,7 +200,8 @@ def sweep_compute(path: Path) -> Compute:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     points = [(float(r["batch"]), float(r["step_time_s"])) for r in rows if "batch" in r and "step_time_s" in r]
     if len(points) < 2:
-        raise SystemExit(f"{path}: expected at least 2 JSON lines with batch and step_time_s, found {len(points)}")
+        print(f"{path}: expected at least 2 JSON lines with batch and step_time_s, found {len(points)}", file=sys.stderr)
+        raise SystemExit(2)
     n = len(points)
     mb, mt = sum(b for b, _ in points) / n, sum(t for _, t in points) / n
     slope = sum((b - mb) * (t - mt) for b, t in points) / max(sum((b - mb) ** 2 for b, _ in points), 1e-12)
@@ -282,8 +304,9 @@ def step_time(comm: StepComm, compute: Compute, n: int, batch: int, cost: Cost, 
 def scaling_table(comm: StepComm, compute: Compute, net: Network, opt: Options, ns: list[int],
                   global_batch: int | None, per_gpu: int | None) -> str:
     rows = ["| GPUs | nodes | per-GPU batch | compute ms | SyncBN fwd ms | SyncBN bwd ms | DDP exposed ms | "
-            "buffers + loop ms | step ms | images/s | efficiency | dominant |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            "buffers + loop ms | step ms | images/s | efficiency | vs batch 256 | dominant |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    best = 256 / compute.step(256)  # one GPU at a large batch: what N GPUs would ideally give, N times
     for n in ns:
         batch = global_batch // n if global_batch else per_gpu
         s = step_time(comm, compute, n, batch, nccl_cost(net), opt)
@@ -291,7 +314,8 @@ def scaling_table(comm: StepComm, compute: Compute, net: Network, opt: Options, 
         rows.append(f"| {n} | {math.ceil(n / net.per_node)} | {batch} | {s.compute * 1e3:.1f} | "
                     f"{s.terms['syncbn_forward'] * 1e3:.1f} | {s.terms['syncbn_backward'] * 1e3:.1f} | "
                     f"{s.terms['ddp_exposed'] * 1e3:.1f} | {(s.terms['buffers'] + s.terms['loop']) * 1e3:.1f} | "
-                    f"{s.total * 1e3:.1f} | {s.images_per_s:,.0f} | {s.images_per_s / (n * ideal):.0%} | {s.dominant()} |")
+                    f"{s.total * 1e3:.1f} | {s.images_per_s:,.0f} | {s.images_per_s / (n * ideal):.0%} | "
+                    f"{s.images_per_s / (n * best):.0%} | {s.dominant()} |")
     return "\n".join(rows)
 
 
@@ -304,7 +328,8 @@ def variants_table(comm: StepComm, concat: StepComm | None, compute: Compute, ne
                 ("global SyncBN, one all-reduce per call", comm, Options(bn_collective="all_reduce")),
                 ("per-GPU BN (dist.sync_bn=false)", comm, Options(sync_bn=False))]
     if concat is not None:
-        variants.append(("byol.concat_views (global SyncBN)", concat, Options()))
+        variants += [("byol.concat_views (global SyncBN)", concat, Options()),
+                     ("byol.concat_views + BN groups of 8", concat, Options(group=8))]
     head = "| variant | " + " | ".join(f"{n} GPUs" for n in ns) + " |"
     rows = [head, "| --- |" + " ---: |" * len(ns)]
     for name, c, opt in variants:
@@ -344,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_compute(args.sweep) if args.sweep else None
 
     def compute_for(comm: StepComm) -> Compute:
-        return sweep if sweep is not None else published_compute(comm.ops_per_step)
+        if sweep is None:
+            return published_compute(comm)
+        ratio = flops_ratio(comm.model)  # the sweep is of ResNet-50 1x
+        return Compute(sweep.fixed_s, sweep.per_image_s * ratio,
+                       sweep.source + ("" if ratio == 1 else f", x {ratio:.2f} (FLOPs over ResNet-50, counted)"))
 
     ns = [int(n) for n in args.gpus.split(",")]
     for model in args.models.split(","):
@@ -354,5 +383,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
     sys.exit(main())
