@@ -121,7 +121,7 @@ class CollectiveRecorder:
                 return "syncbn_forward", self.names.get(id(module), "?"), getattr(module, "num_features", 0)
             elif path.endswith(os.path.join("fastbyol", "metrics.py")):
                 return "metric", "", 0
-            elif func == "_should_stop":
+            elif func in ("_should_stop", "should_stop"):  # the loop's stop agreement
                 return "stop", "", 0
             elif path.endswith(os.path.join("torch", "nn", "parallel", "distributed.py")) and func == "_sync_buffers":
                 return "ddp_buffers", "", 0
@@ -220,9 +220,22 @@ def summarize(records: list[Collective]) -> dict:
         "bytes": sum(r.bytes for r in records),
         "syncbn_forward": [[r.layer, r.channels, r.bytes, r.group_size] for r in records if r.where == "syncbn_forward"],
         "syncbn_backward": [[r.bytes, r.group_size] for r in records if r.where == "syncbn_backward"],
-        "buckets": [[r.bytes, r.tensors] for r in records if r.where == "ddp_bucket"],
+        "buckets": [[r.bytes, r.tensors, r.group_size] for r in records if r.where == "ddp_bucket"],
         "order": [r.where for r in records],  # e.g. where the buckets fall among the SyncBN backward calls
+        "bucket_after": bucket_after(records),
     }
+
+
+def bucket_after(records: list[Collective]) -> list[int]:
+    """For each gradient bucket, how many SyncBN backward calls came before it: when its
+    gradients were ready, in the backward's own measure."""
+    out, seen = [], 0
+    for r in records:
+        if r.where == "syncbn_backward":
+            seen += 1
+        elif r.where == "ddp_bucket":
+            out.append(seen)
+    return out
 
 
 def count_ops(overrides: list[str]) -> int:
@@ -249,6 +262,37 @@ def count_ops(overrides: list[str]) -> int:
     with Count():
         train_step(c, *views, 0.1, 0.99)
     return Count.calls
+
+
+def derive_step(depth: int, width: int, concat: bool, bucket_cap_mb: int = 25) -> dict:
+    """The per-step totals a recording would give, counted from the model's layer list instead
+    (built on the meta device: no memory), for models too large to record here. The counting rule
+    is the one tests/test_scaling.py checks against recordings."""
+    from fastbyol.config import load_config
+    from fastbyol.train import build_model
+
+    cfg = load_config(None, config_overrides(depth, width, concat, 2, 1))
+    with torch.device("meta"):
+        byol = build_model(cfg)
+    views = 1 if concat else 2
+    bn = {n: m.num_features for n, m in byol.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    online = [c for n, c in bn.items() if not n.startswith("target_")]
+    grads = [p.numel() * 4 for p in byol.online_parameters()][::-1]
+    buckets, filled = [], 0
+    for size in grads:
+        filled += size
+        if filled >= bucket_cap_mb * 2**20:
+            buckets.append(filled)
+            filled = 0
+    buckets += [filled] if filled else []
+    per_call = lambda c: 8 * (2 * c + 1)  # noqa: E731 - CPUSyncBatchNorm's payload
+    totals = {"syncbn_forward all_reduce": {"calls": views * len(bn), "bytes": views * sum(map(per_call, bn.values()))},
+              "syncbn_backward all_reduce": {"calls": views * len(online), "bytes": views * sum(map(per_call, online))},
+              "ddp_bucket all_reduce": {"calls": len(buckets), "bytes": sum(buckets)},
+              "ddp_buffers broadcast": {"calls": 1, "bytes": sum(b.numel() * b.element_size() for b in byol.buffers())},
+              "metric all_reduce": {"calls": 1, "bytes": 20}, "stop all_reduce": {"calls": 1, "bytes": 4}}
+    return {"model": f"{depth}x{width}", "concat_views": concat, "world": "derived", "totals": totals,
+            "calls": sum(t["calls"] for t in totals.values()), "bytes": sum(t["bytes"] for t in totals.values())}
 
 
 # ---------------------------------------------------------------- one configuration, under torchrun
@@ -351,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="comm_inventory.json")
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
     p.add_argument("--table", action="store_true", help="print the table of the records in --out and stop")
+    p.add_argument("--derive", default="", help="with --table: DEPTHxWIDTH rows counted from the layer list")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--concat", action="store_true", help=argparse.SUPPRESS)
@@ -359,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args)
         return 0
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        derived = [derive_step(*(int(v) for v in m.split("x")), concat) for m in args.derive.split(",") if m
+                   for concat in (False, True)]
+        print(table(json.loads(Path(args.out).read_text()) + derived))
         return 0
     torch.set_num_threads(1)
     steps = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else []
@@ -370,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append(run_config(model, concat, nproc, args.per_rank))
                 depth, width = (int(v) for v in model.split("x"))
                 steps[-1]["ops_per_step"] = count_ops(config_overrides(depth, width, concat, args.per_rank, 1))
+                del steps[-1]["order"]  # bucket_after keeps what the model needs of it
                 print(f"{model} concat={concat} N={nproc}: {steps[-1]['calls']} calls, "
                       f"{steps[-1]['bytes'] / 1e6:.1f} MB ({time.perf_counter() - start:.0f} s)", flush=True)
                 Path(args.out).write_text(json.dumps(steps))

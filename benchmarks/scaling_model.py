@@ -145,17 +145,11 @@ def load_inventory_steps(steps: list[dict]) -> dict[tuple[str, bool], StepComm]:
     out: dict[tuple[str, bool], StepComm] = {}
     for s in sorted(steps, key=lambda s: -s["world"]):
         backward = [(b // 8 - 1) // 2 for b, _ in s["syncbn_backward"]]  # CPUSyncBatchNorm: 8 (2C+1) bytes
-        order = [w for w in s["order"] if w in ("syncbn_backward", "ddp_bucket")]
-        after, seen = [], 0
-        for w in order:
-            if w == "syncbn_backward":
-                seen += 1
-            else:
-                after.append(seen)
+        after = s["bucket_after"]
         buffers = s["totals"].get("ddp_buffers broadcast", {"bytes": 0})["bytes"]
         out[(s["model"], s["concat_views"])] = StepComm(
             s["model"], s["concat_views"], [c for _, c, _, _ in s["syncbn_forward"]], backward,
-            [b for b, _ in s["buckets"]], after, buffers, s.get("ops_per_step", 0))
+            [b[0] for b in s["buckets"]], after, buffers, s.get("ops_per_step", 0))
     return out
 
 
@@ -338,6 +332,20 @@ def variants_table(comm: StepComm, concat: StepComm | None, compute: Compute, ne
     return "\n".join(rows)
 
 
+def summary_table(comm: StepComm, compute: Compute, net: Network, ns: list[int], global_batch: int) -> str:
+    """README's table: the paper's global SyncBN against BN groups of one node, at the global batch."""
+    rows = ["| GPUs | per-GPU batch | global SyncBN: images/s (efficiency) | dominant term | "
+            "BN groups of 8: images/s (efficiency) |", "| ---: | ---: | ---: | --- | ---: |"]
+    for n in ns:
+        batch = global_batch // n
+        ideal = n * batch / compute.step(batch)
+        paper = step_time(comm, compute, n, batch, nccl_cost(net))
+        groups = step_time(comm, compute, n, batch, nccl_cost(net), Options(group=8))
+        rows.append(f"| {n} | {batch} | {paper.images_per_s:,.0f} ({paper.images_per_s / ideal:.0%}) | "
+                    f"{paper.dominant().replace('_', ' ')} | {groups.images_per_s:,.0f} ({groups.images_per_s / ideal:.0%}) |")
+    return "\n".join(rows)
+
+
 def report(inventory: dict, compute_for: callable, model: str, ns: list[int], net: Network) -> str:
     comm = inventory[(model, False)]
     concat = inventory.get((model, True))
@@ -349,7 +357,8 @@ def report(inventory: dict, compute_for: callable, model: str, ns: list[int], ne
              f"{comm.buffer_bytes / 1e6:.2f} MB per step (measured here: benchmarks/data/comm_inventory.json)", "",
              "### Global batch 4096", "", scaling_table(comm, compute, net, Options(), ns, 4096, None), "",
              "### Fixed per-GPU batch 128", "", scaling_table(comm, compute, net, Options(), ns, None, 128), "",
-             "### The knobs at global batch 4096 (images/s)", "", variants_table(comm, concat, compute, net, ns, 4096)]
+             "### The knobs at global batch 4096 (images/s)", "", variants_table(comm, concat, compute, net, ns, 4096),
+             "", "### Summary (README)", "", summary_table(comm, compute, net, ns, 4096)]
     return "\n".join(lines)
 
 

@@ -83,7 +83,10 @@ def _worker(scenario: str, workdir: Path) -> None:
     if not concat:
         dist.init("cpu")
         for k in (2, 0):
-            torch.save(one_step(info, k, slice(None)), workdir / f"four_k{k}_rank{info.rank}.pt")
+            with comm_inventory.CollectiveRecorder() as recorder:
+                result = one_step(info, k, slice(None))
+            result["collectives"] = comm_inventory.summarize(recorder.records)
+            torch.save(result, workdir / f"four_k{k}_rank{info.rank}.pt")
     recorder, _ = comm_inventory.record_training(inventory_overrides(concat, info.world_size), str(workdir / "run"))
     if info.is_main:
         (workdir / f"inventory_concat{int(concat)}.json").write_text(
@@ -158,9 +161,9 @@ def test_recorded_collectives_match_the_count_from_the_layer_list(four_ranks, co
     # DDP: every trained parameter's gradient once, in float32 buckets of >= bucket_cap_mb but the last
     params = [p.numel() * 4 for p in byol.online_parameters()]
     buckets = step["buckets"]
-    assert sum(b for b, _ in buckets) == sum(params) and sum(n for _, n in buckets) == len(params)
+    assert sum(b[0] for b in buckets) == sum(params) and sum(b[1] for b in buckets) == len(params)
     cap = cfg.dist.bucket_cap_mb * 2**20
-    assert all(b >= cap for b, _ in buckets[:-1])
+    assert all(b[0] >= cap for b in buckets[:-1])
     assert len(buckets) == expected_bucket_count(params[::-1], cap)
     # DDP's buffer broadcast before the forward: every buffer (running statistics, counters), once
     assert t["ddp_buffers broadcast"] == {**t["ddp_buffers broadcast"], "calls": 1,
@@ -197,6 +200,11 @@ def test_groups_of_two_of_four_ranks_equal_two_independent_two_rank_runs(four_ra
         assert grouped["stats"].keys() == alone["stats"].keys() and len(alone["stats"]) == 2 * (2 * 20 + 3)
         for key, value in alone["stats"].items():
             torch.testing.assert_close(grouped["stats"][key], value, rtol=1e-12, atol=1e-12, msg=key)
+        # every BatchNorm collective ran over the 2 ranks of the group, the gradients over all 4
+        sent = grouped["collectives"]
+        assert sent["syncbn_forward"] and {g for *_, g in sent["syncbn_forward"]} == {2}
+        assert sent["syncbn_backward"] and {g for _, g in sent["syncbn_backward"]} == {2}
+        assert sent["buckets"] and {g for *_, g in sent["buckets"]} == {4}
     # and global statistics over the 4 ranks are not those of either pair
     everyone = torch.load(four_ranks / "four_k0_rank0.pt")["stats"]
     pair = torch.load(two_pairs / "pair0_rank0.pt")["stats"]
