@@ -245,7 +245,7 @@ def count_ops(overrides: list[str]) -> int:
 
     from fastbyol.config import load_config
     from fastbyol.dist import DistInfo
-    from fastbyol.train import build_components, train_step
+    from fastbyol.step import build_components, train_step
 
     class Count(TorchDispatchMode):
         calls = 0
@@ -269,7 +269,7 @@ def derive_step(depth: int, width: int, concat: bool, bucket_cap_mb: int = 25) -
     (built on the meta device: no memory), for models too large to record here. The counting rule
     is the one tests/test_scaling.py checks against recordings."""
     from fastbyol.config import load_config
-    from fastbyol.train import build_model
+    from fastbyol.step import build_model
 
     cfg = load_config(None, config_overrides(depth, width, concat, 2, 1))
     with torch.device("meta"):

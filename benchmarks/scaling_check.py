@@ -71,7 +71,7 @@ VARIANTS = {"per_view": [], "concat": ["byol.concat_views=true"], "no_sync_bn": 
 def _worker(rounds: int, per_rank: int, out: Path) -> None:
     from fastbyol import dist
     from fastbyol.config import load_config
-    from fastbyol.train import build_components, train_step
+    from fastbyol.step import build_components, train_step
 
     torch.set_num_threads(1)
     info, device = dist.init("cpu")

@@ -26,7 +26,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 import comm_inventory  # noqa: E402
 from fastbyol import dist  # noqa: E402
 from fastbyol.config import load_config  # noqa: E402
-from fastbyol.train import build_components, build_model, train_step  # noqa: E402
+from fastbyol.step import build_components, build_model, train_step  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
