@@ -289,7 +289,6 @@ def derive_step(depth: int, width: int, concat: bool, bucket_cap_mb: int = 25) -
     totals = {"syncbn_forward all_reduce": {"calls": views * len(bn), "bytes": views * sum(map(per_call, bn.values()))},
               "syncbn_backward all_reduce": {"calls": views * len(online), "bytes": views * sum(map(per_call, online))},
               "ddp_bucket all_reduce": {"calls": len(buckets), "bytes": sum(buckets)},
-              "ddp_buffers broadcast": {"calls": 1, "bytes": sum(b.numel() * b.element_size() for b in byol.buffers())},
               "metric all_reduce": {"calls": 1, "bytes": 20}, "stop all_reduce": {"calls": 1, "bytes": 4}}
     return {"model": f"{depth}x{width}", "concat_views": concat, "world": "derived", "totals": totals,
             "calls": sum(t["calls"] for t in totals.values()), "bytes": sum(t["bytes"] for t in totals.values())}
