@@ -38,7 +38,6 @@ import copy
 import importlib
 import importlib.util
 import itertools
-import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fastbyol.atomic import atomic_write_json
 from fastbyol.byol import MLP
 from fastbyol.config import load_config
 from fastbyol.dist import DistInfo
@@ -530,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(settings)
     print_table(result)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        atomic_write_json(result, json_path)
     return 0
 
 
