@@ -53,8 +53,8 @@ from fastbyol.config import load_config
 from fastbyol.dist import DistInfo
 from fastbyol.machine import machine_info
 from fastbyol.optim import RunPlan
+from fastbyol.step import build_components, train_step
 from fastbyol.timing import time_window
-from fastbyol.train import build_components, train_step
 from pipelines.synthetic import random_batch
 
 CONTENDERS = ("fastbyol", "lightly", "byol-pytorch")

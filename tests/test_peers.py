@@ -30,7 +30,7 @@ import peers  # noqa: E402
 
 from fastbyol.config import load_config  # noqa: E402
 from fastbyol.machine import MACHINE_KEYS  # noqa: E402
-from fastbyol.train import build_model  # noqa: E402
+from fastbyol.step import build_model  # noqa: E402
 from pipelines.synthetic import random_batch  # noqa: E402
 
 TINY = ["--device", "cpu", "--depth", "18", "--stem", "cifar", "--size", "16", "--batch", "4", "--hidden", "32",
