@@ -25,7 +25,7 @@ from benchmarks.suite.sizes import TINY
 from benchmarks.suite.stages import RUNS
 from benchmarks.suite.table import markdown, targets
 from fastbyol.config import load_config
-from fastbyol.profile import VERDICTS
+from fastbyol.verdict import VERDICTS
 from fastbyol.step import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +210,18 @@ def test_the_records_of_two_runs_read_as_one_table(tiny_run, tmp_path):
 
     assert proc.stdout == markdown(records.latest(lines, ORDER))
     assert "| dali | all " in proc.stdout and "| ceiling | all " in proc.stdout
+
+
+def test_a_last_line_cut_short_by_a_killed_command_is_left_out(tmp_path):
+    whole = records.record("A 1", "model", records.RUNNING, 1.0, 50.0, {"variants": []})
+    path = tmp_path / records.RESULTS
+    records.append(path, whole)
+    records.append(path, {**whole, "status": "ok"})
+    path.write_text(path.read_text()[:-20])  # the second line, half written
+    assert records.read([path]) == [whole]
+    path.write_text(path.read_text() + "\n" + json.dumps(whole) + "\n")  # damage before the last line is an error
+    with pytest.raises(json.JSONDecodeError):
+        records.read([path])
 
 
 def test_the_newest_record_of_a_stage_wins(tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 
 from benchmarks import peers
 from fastbyol.config import load_config
+from fastbyol.machine import MACHINE_KEYS
 from fastbyol.step import build_model
 from pipelines.synthetic import random_batch
 
@@ -106,7 +107,7 @@ def reference() -> dict:
 
 def test_result_has_every_key(result, installed):
     assert set(peers.JSON_KEYS) <= result.keys()
-    assert set(peers.MACHINE_KEYS) <= result["machine"].keys()
+    assert set(MACHINE_KEYS) <= result["machine"].keys()
     assert result["machine"]["gpu"] == "cpu" and result["machine"]["torch"] == torch.__version__
     assert result["settings"]["device"] == "cpu" and result["settings"]["batch"] == 4
     assert "fastbyol.models.resnet ResNet-18" in result["settings"]["backbone"]

@@ -9,16 +9,14 @@ import torch
 
 from benchmarks import peers
 from benchmarks.suite.context import Context
-from fastbyol.profile import machine_info
+from fastbyol.machine import machine_info
 
 OPTIONAL = ("ffcv", "nvidia.dali", "lightly", "byol_pytorch", "torchvision")
 
 
 def environment(ctx: Context) -> dict[str, Any]:
     """Run A: the table's header line, saved first; then which optional packages import here."""
-    dev = torch.device(ctx.device)
-    info = {**machine_info(dev), "cudnn": torch.backends.cudnn.version() if ctx.cuda else None,
-            "packages": peers.machine_info(dev)["packages"], "driver": None}
+    info = {**machine_info(torch.device(ctx.device), peers.PACKAGES), "driver": None}
     if ctx.cuda:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
                               "--format=csv,noheader"], capture_output=True, text=True)

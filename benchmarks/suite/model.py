@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import warnings
 from typing import Any, Callable
@@ -18,6 +17,7 @@ import torch
 
 from benchmarks import peers
 from benchmarks.suite.context import Context
+from fastbyol.timing import images_per_sec
 
 SWEEP_FILE = "step_time_vs_batch.jsonl"  # read by the scale-out model: batch, step_time_s, images_per_sec
 # One rank: DDP's buckets and hooks run, but torch's SyncBatchNorm falls back to plain BatchNorm at
@@ -26,11 +26,9 @@ DDP_LABEL = "DDP over 1 rank (SyncBN not measured: plain BN at world size 1)"
 
 
 def rate(step: Callable[[], Any], batch: int, ctx: Context) -> float:
-    """Median images/sec over `rounds` windows of `steps` calls, after `warmup` calls."""
-    s, dev = ctx.sizes, torch.device(ctx.device)
-    for _ in range(s.warmup):
-        step()
-    return statistics.median(batch * s.steps / peers.time_window(step, s.steps, dev) for _ in range(s.rounds))
+    """Median images/sec over `rounds` windows of `steps` calls, after `warmup` calls (fastbyol.timing)."""
+    s = ctx.sizes
+    return images_per_sec(step, batch, s.steps, torch.device(ctx.device), s.warmup, s.rounds)
 
 
 def settings(ctx: Context, contenders: tuple[str, ...] = ("fastbyol",), overrides: tuple[str, ...] = (),

@@ -24,7 +24,8 @@ def record(run: str, stage: str, status: str, seconds: float, budget_s: float, r
 
 
 def append(path: Path, rec: dict) -> None:
-    """Append `rec` as one line, flushed to the disk (the device may stop the command any moment)."""
+    """Append `rec` as one line, flushed to the disk (the device may stop the command any moment; a
+    line cut short by that is the last, and `read` stops before it)."""
     with path.open("a") as f:
         f.write(json.dumps(rec, default=str) + "\n")
         f.flush()
@@ -32,12 +33,17 @@ def append(path: Path, rec: dict) -> None:
 
 
 def read(paths: Iterable[Path]) -> list[dict]:
-    """Every record of the files, in file order."""
+    """Every record of the files, in file order; a file's last line, if a killed command cut it
+    short, is left out."""
     out = []
     for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
                 out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
     return out
 
 

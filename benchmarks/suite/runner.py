@@ -24,7 +24,7 @@ from benchmarks.suite.install import install, library_path
 from benchmarks.suite.sizes import TINY, Sizes
 from benchmarks.suite.stages import BY_NAME, STAGES
 from benchmarks.suite.table import markdown
-from fastbyol.checkpoint import atomic_write_text
+from fastbyol.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 ORDER = ("install A", "install B", "install all", *(s.name for s in STAGES))
