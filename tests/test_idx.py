@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines import idx
-from pipelines.folder import find_images
+from pipelines.sources import find_images
 from pipelines.idx import IDX_FILES, read_idx, write_idx_splits
 
 
