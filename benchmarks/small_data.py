@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipes (r0_quickstart, small), ablation (every a* row), all, or names joined by commas")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "small_data")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion_mnist")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of each child (2 cores: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of each child (the README's table: 1, on a shared 2-core machine)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
