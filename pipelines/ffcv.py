@@ -222,7 +222,14 @@ class FFCVLoader:
             # Stop FFCV's thread when the consumer leaves early, and wait for it: two threads
             # in numba parallel code at once can abort the process (workqueue threading layer).
             epoch_iter.close()
-            epoch_iter.join()
+            while epoch_iter.is_alive():
+                # its end-of-epoch put(None) has no timeout: it waits forever while its queue is
+                # full (a consumer that left after the second-to-last batches), so drain it
+                try:
+                    epoch_iter.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                epoch_iter.join(timeout=0.05)
 
     @staticmethod
     def _next(epoch_iter):
