@@ -1,61 +1,28 @@
 """Checkpoints: one plain dict, written atomically, the newest K kept, resumed from the newest.
 
 Every file of a run directory (checkpoints, encoder.pt, config.yaml, the truncated metrics.jsonl)
-is written to a temporary file in the same directory, flushed to disk, then renamed over its final
-name: a crash or a kill mid-write leaves at most a stray `.NAME.*.tmp` file, never a half-written
-file under a real name, and the next start removes the strays. Loading takes the newest checkpoint
-that loads.
+is written by fastbyol.atomic: a crash or a kill mid-write leaves at most a stray `.NAME.*.tmp`
+file, never a half-written file under a real name, and the next start removes the strays.
+Loading takes the newest checkpoint that loads.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 
+from fastbyol import atomic
+
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{9})\.pt$")
-TEMP_RE = re.compile(r"^\..+\.\w+\.tmp$")  # what atomic_write leaves behind when killed mid-write
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(f)` on a temporary file and rename it over `path`: `path` is either the old file
-    or the complete new one, whenever the process dies."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def remove_stale_temp(run_dir: Path) -> list[Path]:
-    """Delete the temporary files a killed writer left in `run_dir`; returns them.
-    Call only when no other process writes into `run_dir`."""
-    run_dir = Path(run_dir)
-    stale = [p for p in run_dir.iterdir() if TEMP_RE.match(p.name) and p.is_file()] if run_dir.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    atomic.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
