@@ -30,6 +30,7 @@ from pipelines.image_list import verify_images
 from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import AugmentConfig, ViewPolicy
 from pipelines.seeding import derive_seed
+from pipelines.sources import find_images
 
 INSTALL_HINT = (
     "pip install nvidia-dali-cuda130 (CUDA 13 driver) or nvidia-dali-cuda120 (CUDA 12 driver); "
@@ -97,9 +98,7 @@ def list_images(path: str) -> tuple[list[str], list[int]]:
     """(paths, labels) of data.path: a `.txt` file list or an ImageFolder root."""
     if path.endswith(".txt"):
         return read_file_list(path)
-    from pipelines.folder import find_images  # one definition of the layout and class indices
-
-    paths, labels, _ = find_images(path)
+    paths, labels, _ = find_images(path)  # one definition of the layout and class indices
     return paths, labels
 
 

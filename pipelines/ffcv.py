@@ -3,7 +3,8 @@
 The .beton comes from `fastbyol convert` (fields `image`: RGBImageField, `label`: IntField).
 Our decoder operation (pipelines.ffcv_decode.TwoCropDecoder) decodes each image once in FFCV's
 compiled, multi-threaded code and writes two random resized crops; the uint8 batch
-(B, 2, S, S, 3) goes to the device in one copy and `gpu_augment.make_view` makes each view.
+(B, 2, S, S, 3) goes to the device in one copy and `gpu_augment.make_view` makes each view, for
+batch k+1 on a side stream while step k runs (pipelines.prefetch).
 
 Order and sharding are ours, so they are testable without torch.distributed and resumable:
 - order random: epoch e is numpy_rng(seed, e).permutation(N) cut into global batches; rank r
@@ -24,6 +25,7 @@ changes pixels), a different world size, and float rounding in GPU kernels.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 from typing import Iterator
@@ -34,6 +36,7 @@ import torch
 from pipelines.gpu_augment import make_views
 from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import AugmentConfig
+from pipelines.prefetch import prefetch
 from pipelines.seeding import derive_seed
 
 INSTALL_HINT = (
@@ -125,7 +128,7 @@ class FFCVLoader:
 
         augment.validate()
         self.path, self.augment = str(data.path), augment
-        self.device = torch.device(device)
+        self.device, self.side_stream = torch.device(device), data.side_stream
 
         check_beton(self.path)  # FFCV's own reader answers a bad file with an assert or a numpy error
         reader = Reader(self.path)
@@ -219,7 +222,14 @@ class FFCVLoader:
             # Stop FFCV's thread when the consumer leaves early, and wait for it: two threads
             # in numba parallel code at once can abort the process (workqueue threading layer).
             epoch_iter.close()
-            epoch_iter.join()
+            while epoch_iter.is_alive():
+                # its end-of-epoch put(None) has no timeout: it waits forever while its queue is
+                # full (a consumer that left after the second-to-last batches), so drain it
+                try:
+                    epoch_iter.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                epoch_iter.join(timeout=0.05)
 
     @staticmethod
     def _next(epoch_iter):
@@ -245,17 +255,19 @@ class FFCVLoader:
 
     def _iterate(self, epoch: int, start_step: int, batches: list[np.ndarray]) -> Iterator[Batch]:
         fence = CopyFence(self.device)
-        raw = self._raw(epoch, batches, fence)
-        try:
-            for step, (crops, labels) in enumerate(raw, start=start_step):
-                # One copy of both views' uint8 crops out of FFCV's pinned buffers
-                crops = crops.to(self.device, non_blocking=True)  # (B, 2, S, S, 3)
-                # copy: on the CPU, .to() would alias FFCV's buffer, which it reuses
-                labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
-                fence.record()
-                # (B, 3, S, S) per view, channels-last strides
-                pair = (crops[:, 0].permute(0, 3, 1, 2), crops[:, 1].permute(0, 3, 1, 2))
-                view1, view2 = make_views(pair, self.augment, self.plan.seed, epoch, step, self.plan.rank)
-                yield Batch(view1, view2, labels)
-        finally:
-            raw.close()  # now, not when collected: its last fence.wait() releases the buffers
+        steps = itertools.count(start_step)  # prepare runs once per batch, in order
+
+        def prepare(raw: tuple[torch.Tensor, torch.Tensor]) -> Batch:
+            crops, labels = raw
+            # One copy of both views' uint8 crops out of FFCV's pinned buffers
+            crops = crops.to(self.device, non_blocking=True)  # (B, 2, S, S, 3)
+            # copy: on the CPU, .to() would alias FFCV's buffer, which it reuses
+            labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
+            fence.record()
+            # (B, 3, S, S) per view, channels-last strides
+            pair = (crops[:, 0].permute(0, 3, 1, 2), crops[:, 1].permute(0, 3, 1, 2))
+            view1, view2 = make_views(pair, self.augment, self.plan.seed, epoch, next(steps), self.plan.rank)
+            return Batch(view1, view2, labels)
+
+        # batch k+1 copied and augmented on a side stream while step k runs (pipelines.prefetch)
+        return prefetch(self._raw(epoch, batches, fence), prepare, self.device, self.side_stream)

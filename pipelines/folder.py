@@ -2,12 +2,14 @@
 
 CPU workers decode each image once with PIL and cut two random resized crops (uint8); the batch
 goes to the device, where `gpu_augment.make_view` does flip, color, blur, solarize and the
-normalization. Every random draw is a pure function of (seed, epoch, index or step, view), so the
-number of workers, the prefetch depth and resuming mid-epoch cannot change what a step sees.
+normalization, for batch k+1 on a side stream while step k runs (pipelines.prefetch). Every
+random draw is a pure function of (seed, epoch, index or step, view), so the number of workers,
+the prefetch depth and resuming mid-epoch cannot change what a step sees.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Iterator, Sequence
 
@@ -21,6 +23,7 @@ from pipelines.gpu_augment import make_views
 from pipelines.images import BadImageError, BadImageWarning, decode_rgb
 from pipelines.loader import Batch, DataConfig, LoaderPlan
 from pipelines.policy import AugmentConfig, ViewPolicy
+from pipelines.prefetch import prefetch
 from pipelines.seeding import derive_seed, numpy_rng
 from pipelines.sources import find_images
 
@@ -115,7 +118,7 @@ class FolderLoader:
         self.plan = LoaderPlan.of(data, len(paths), rank, world_size, seed)
         self.batch_size = self.plan.batch_size
         self.augment, self.device = augment, torch.device(device)
-        self.num_workers, self.prefetch = data.num_workers, data.prefetch
+        self.num_workers, self.prefetch, self.side_stream = data.num_workers, data.prefetch, data.side_stream
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -143,7 +146,13 @@ class FolderLoader:
             # would consume the global torch RNG every epoch.
             generator=torch.Generator().manual_seed(derive_seed(self.plan.seed, epoch)),
         )
-        for step, (x1, x2, labels) in enumerate(loader, start=start_step):
+        steps = itertools.count(start_step)  # prepare runs once per batch, in order
+
+        def prepare(item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Batch:
+            x1, x2, labels = item  # pinned on CUDA: the copy's event guards the pinned block's reuse
             crops = (x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True))
-            view1, view2 = make_views(crops, self.augment, self.plan.seed, epoch, step, self.plan.rank)
-            yield Batch(view1, view2, labels.to(self.device, non_blocking=True))
+            view1, view2 = make_views(crops, self.augment, self.plan.seed, epoch, next(steps), self.plan.rank)
+            return Batch(view1, view2, labels.to(self.device, non_blocking=True))
+
+        # batch k+1 copied and augmented on a side stream while step k runs (pipelines.prefetch)
+        yield from prefetch(loader, prepare, self.device, self.side_stream)

@@ -6,7 +6,9 @@ without naming it. So the DALI backend first checks its list: each file is decod
 reads every byte) and its size is read. The answer is cached per file, keyed by its size and
 modification time, in $FASTBYOL_CACHE (default ~/.cache/fastbyol)/verified/: the next start
 only stats the files. `on_bad_image` then decides: skip drops the bad files by path (each named
-once), error stops with the first one named.
+once), error stops with the first one named. Under torch.distributed, rank 0 reads the cache and
+stats the files, the ranks share the decoding (each file decoded by one rank), and rank 0 writes
+the cache and hands every rank the same answer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -55,42 +57,97 @@ def _key(path: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of torch.distributed's default group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(obj: Any, world: int) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _inspect_shared(todo: list[str], rank: int, world: int, num_workers: int) -> list[tuple[str | None, int, int]]:
+    """inspect_image of every path of `todo` (the same list on every rank), each decoded by one
+    rank: rank r takes todo[r::world]; the answers, in todo's order, on every rank."""
+    mine = todo[rank::world]
+    # threads: PIL decodes without the GIL, and a thread pool needs no __main__ guard in the
+    # user's script nor a fork of a process that may already run DALI or CUDA threads
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        found = list(pool.map(inspect_image, mine)) if mine else []
+    if world == 1:
+        return found
+    import torch.distributed as dist
+
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, found)
+    merged: list[Any] = [None] * len(todo)
+    for r, share in enumerate(shares):
+        merged[r::world] = share
+    return merged
+
+
+def _checked(paths: Sequence[str], num_workers: int, name: str, rank: int, world: int) -> dict[str, list]:
+    """Rank 0: the cache entry [size, mtime_ns, reason, height, width] of every path, decoding
+    (with every rank's help) the files the cache does not know in their current size and mtime,
+    and writing the cache. Other ranks: {} (they only help decode)."""
+    cache_file = cache_dir() / (hashlib.sha1((name or "\n".join(paths)).encode()).hexdigest()[:20] + ".json")
+    cache: dict[str, list] = {}
+    keys, todo = {}, []
+    if rank == 0:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        for p in paths:
+            try:
+                keys[p] = _key(p)
+            except OSError as err:  # listed, but gone or unreadable
+                cache[p] = [-1, -1, f"{type(err).__name__}: {err}", 0, 0]
+                continue
+            entry = cache.get(p)
+            if entry is None or entry[:2] != keys[p]:
+                todo.append(p)
+    todo = _from_rank0(todo, world)
+    if not todo:
+        return cache
+    found = _inspect_shared(todo, rank, world, num_workers)
+    if rank != 0:
+        return cache
+    for p, (reason, h, w) in zip(todo, found):
+        cache[p] = [*keys[p], reason, h, w]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({p: cache[p] for p in paths if p in cache}))
+        os.replace(tmp, cache_file)
+    except OSError as err:  # a read-only home: verify again next time
+        warnings.warn(f"cannot write the image check cache {cache_file}: {err}")
+    return cache
+
+
 def verify_images(paths: Sequence[str], labels: Sequence[int], on_bad_image: str = "skip",
                   num_workers: int = 1, name: str = "") -> ImageList:
     """The images of `paths` that decode (skip), or BadImageError naming the first that does not
-    (error). `name` (e.g. data.path) names the cache file; unchanged files are not decoded again."""
-    cache_file = cache_dir() / (hashlib.sha1((name or "\n".join(paths)).encode()).hexdigest()[:20] + ".json")
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    keys, todo = {}, []
-    for p in paths:
-        try:
-            keys[p] = _key(p)
-        except OSError as err:  # listed, but gone or unreadable
-            cache[p] = [-1, -1, f"{type(err).__name__}: {err}", 0, 0]
-            continue
-        entry = cache.get(p)
-        if entry is None or entry[:2] != keys[p]:
-            todo.append(p)
-    if todo:
-        # threads: PIL decodes without the GIL, and a thread pool needs no __main__ guard in the
-        # user's script nor a fork of a process that may already run DALI or CUDA threads
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            found = list(pool.map(inspect_image, todo))
-        for p, (reason, h, w) in zip(todo, found):
-            cache[p] = [*keys[p], reason, h, w]
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({p: cache[p] for p in paths if p in cache}))
-            os.replace(tmp, cache_file)
-        except OSError as err:  # a read-only home: verify again next time
-            warnings.warn(f"cannot write the image check cache {cache_file}: {err}")
+    (error). `name` (e.g. data.path) names the cache file; unchanged files are not decoded again.
+    Under torch.distributed (initialised), call it on every rank with the same list: each file
+    is decoded by one rank, and every rank gets the same answer."""
+    rank, world = _rank_and_world()
+    cache = _checked(paths, num_workers, name, rank, world)
+    # (reason, height, width) of every path, rank 0's answer on every rank
+    table = _from_rank0([tuple(cache[p][2:]) for p in paths] if rank == 0 else None, world)
     out = ImageList([], [], [], [])
-    for p, label in zip(paths, labels):
-        _, _, reason, h, w = cache[p]
+    for p, label, (reason, h, w) in zip(paths, labels, table):
         if reason is None:
             out.paths.append(p)
             out.labels.append(label)

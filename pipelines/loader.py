@@ -57,6 +57,7 @@ class DataConfig:
     batch_size: int = at_least(4096, 1, "a positive integer")  # global batch (all ranks); each rank gets batch_size / world_size
     num_workers: int = at_least(8, 0)  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
     prefetch: int = at_least(2, 1)  # batches prepared ahead of the training step
+    side_stream: bool = True  # folder, ffcv on CUDA: batch k+1's copy and augmentation on a side stream while step k runs
     drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
     on_bad_image: str = choice("skip", ("skip", "error"))  # skip | error: what a corrupt or unreadable image does
     synthetic_steps: int = at_least(100, 1)  # steps per epoch of the synthetic backend

@@ -163,6 +163,17 @@ def test_lars_and_ema_share_is_taken_against_the_model_stages_eager_step(tiny_ru
     assert fused["lars_launches"]["cuda_kernels"] is None  # counted on CUDA only
 
 
+def test_augmentation_compile_figures_are_recorded_per_policy(tiny_run):
+    final, _, out, _ = tiny_run
+    aug = final["augment"]["result"]
+    assert (aug["batch"], aug["size"], aug["backend"]) == (TINY.batch, TINY.size, "aot_eager")
+    for view in ("view1", "view2"):
+        a = aug[view]
+        assert a["speedup"] == pytest.approx(a["eager_ms"] / a["compiled_ms"])
+        assert a["max_abs_diff"] < 1e-5  # aot_eager runs the same ops: the same views
+        assert f"| view augmentation, eager vs torch.compile | {view} | {TINY.batch} |" in (out / "results.md").read_text()
+
+
 def test_step_time_against_batch_is_written_as_it_is_measured(tiny_run):
     final, _, out, _ = tiny_run
     points = final["sweep"]["result"]["points"]

@@ -27,8 +27,6 @@ LAZY = {
                                                  "level, and `import pipelines` must work without them",
     ("pipelines.convert", "pipelines.ffcv_writer"): "an optional backend: ffcv_writer imports ffcv at module level, "
                                                     "and convert names what to install when it is missing",
-    ("pipelines.dali", "pipelines.folder"): "pipelines/dali.py is being rewritten by the GPU issue (18), which owns "
-                                            "the file; no circle (folder imports nothing of dali)",
 }
 
 

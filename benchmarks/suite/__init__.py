@@ -9,6 +9,7 @@
                     DDP over one rank, the compiled variants
     fused.py        LARS + EMA against the step; one LARS step's ops and kernels
     loaders.py      photo-like JPEGs, `fastbyol convert`, `fastbyol profile` per backend
+    augment.py      the view augmentation eager against torch.compile (benchmarks/augment_compile.py)
     install.py      the offline wheelhouse and DALI's parts, into a folder of their own
     records.py      results.jsonl: every figure saved as it is measured; the newest line of a stage wins
     table.py        the Markdown table and the targets

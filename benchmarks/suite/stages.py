@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from benchmarks.suite import ceiling, environment, fused, loaders, model
+from benchmarks.suite import augment, ceiling, environment, fused, loaders, model
 from benchmarks.suite.context import Context
 
 
@@ -34,6 +34,7 @@ STAGES = (
     Stage("loader", "A", 90, loaders.loader, "folder and ffcv: loader, model-only, end to end, verdict"),
     Stage("dali", "B", 60, loaders.dali, "the DALI backend, the same three figures"),
     Stage("compile", "B", 90, model.compiled, "model.compile: compile seconds, then images/sec"),
+    Stage("augment", "B", 60, augment.augment, "one view's augmentation, eager vs torch.compile, per policy"),
     Stage("cudagraphs", "B", 90, model.cudagraphs, "model.compile_mode=reduce-overhead (CUDA graphs)"),
     Stage("ceiling_compiled", "B", 60, ceiling.ceiling_compiled, "the supervised step through torch.compile"),
     Stage("ddp", "B", 45, model.ddp, "the step in DDP over one rank, +- gradient_as_bucket_view"),

@@ -111,6 +111,13 @@ def markdown(records: list[dict]) -> str:
             row("loader hidden", backend, block.get("batch"), b["end_to_end"],
                 note=f"loader {_fmt(b['loader'])}, model {_fmt(b['model'])}, e2e/model "
                      f"{b['end_to_end_over_model']:.3f}, {b['verdict']}")
+    aug = res.get("augment", {})
+    for view in ("view1", "view2"):
+        if view in aug:
+            a = aug[view]
+            lines.append(f"| view augmentation, eager vs torch.compile | {view} | {aug['batch']} | | | | eager "
+                         f"{a['eager_ms']:.2f} ms, compiled {a['compiled_ms']:.2f} ms ({a['speedup']:.2f}x), compile "
+                         f"{a['compile_s']:.0f} s, max difference {a['max_abs_diff']:.1e} |")
     lines += ["", "| target (issue 18) | measured | met |", "| --- | ---: | --- |"]
     lines += [f"| {what} | {value} | {met} |" for what, value, met in targets(res)]
     lines += ["", "| stage | run | status | seconds | budget s |", "| --- | --- | --- | ---: | ---: |"]
