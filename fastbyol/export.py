@@ -75,7 +75,9 @@ def online_encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torc
 def _read(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint (dict with "model") or a plain encoder state_dict -> the encoder's state."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = checkpoint.load_weights(path)
+    except checkpoint.UnsafeWeights:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):

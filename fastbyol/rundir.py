@@ -106,7 +106,7 @@ def load_agreed_checkpoint(cfg: Config, run_dir: Path, info: dist.DistInfo,
     if name is not None and not info.is_main:
         path = (run_dir / name).absolute()
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = checkpoint.load_weights(path, map_location=map_location)
             state["path"] = str(path)
         except FileNotFoundError:
             error = (f"rank {info.rank}: {path} does not exist, but rank 0 resumes from it; put train.run_dir "

@@ -145,3 +145,23 @@ def test_quickstart_runs_at_reduced_length(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "encoder.pt", "checkpoint_000000003.pt"} <= {p.name for p in run.iterdir()}
     encoder = torch.load(run / "encoder.pt")
     assert "layer4.1.bn2.running_var" in encoder and not any(k.startswith("fc.") for k in encoder)
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_types(tmp_path):
+    """So that it loads with torch.load(weights_only=True): fp16 adds the grad scaler's state."""
+    cfg = tiny_config(tmp_path / "run", "data.backend=synthetic", "data.batch_size=4", "data.synthetic_steps=2",
+                      "train.epochs=1", "train.precision=fp16")
+    train(cfg)
+    (path,) = checkpoint.list_checkpoints(tmp_path / "run")
+
+    def kinds(obj) -> set[type]:
+        if isinstance(obj, dict):
+            return {dict}.union(*map(kinds, obj.keys()), *map(kinds, obj.values()))
+        if isinstance(obj, (list, tuple)):
+            return {type(obj)}.union(*map(kinds, obj))
+        return {torch.Tensor if isinstance(obj, torch.Tensor) else type(obj)}
+
+    state = torch.load(path, weights_only=False)  # our own file: read it whole, then look at what it holds
+    assert kinds(state) <= {dict, list, tuple, torch.Tensor, int, float, str, bool, type(None)}, kinds(state)
+    assert state["scaler"]["scale"] > 0 and state["config"]["train"]["precision"] == "fp16"
+    assert checkpoint.load_weights(path)["step"] == 2
