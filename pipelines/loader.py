@@ -57,7 +57,7 @@ class DataConfig:
     batch_size: int = at_least(4096, 1, "a positive integer")  # global batch (all ranks); each rank gets batch_size / world_size
     num_workers: int = at_least(8, 0)  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
     prefetch: int = at_least(2, 1)  # batches prepared ahead of the training step
-    drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
+    drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size); false: keep it, topped up to at least 2 images per rank (BatchNorm's minimum) with the epoch's first images
     on_bad_image: str = choice("skip", ("skip", "error"))  # skip | error: what a corrupt or unreadable image does
     synthetic_steps: int = at_least(100, 1)  # steps per epoch of the synthetic backend
     demo: bool = False  # write the demo image set (train/ and val/ beside data.path) if data.path is missing

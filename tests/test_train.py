@@ -165,3 +165,13 @@ def test_a_checkpoint_holds_only_tensors_and_plain_types(tmp_path):
     assert kinds(state) <= {dict, list, tuple, torch.Tensor, int, float, str, bool, type(None)}, kinds(state)
     assert state["scaler"]["scale"] > 0 and state["config"]["train"]["precision"] == "fp16"
     assert checkpoint.load_weights(path)["step"] == 2
+
+
+def test_a_last_batch_of_one_image_does_not_end_the_run(tmp_path):
+    # 25 images, batch 8, drop_last false: the 4th step of each epoch holds 1 image, which BatchNorm
+    # cannot train on ("Expected more than 1 value per channel when training")
+    folder = make_demo_dataset(tmp_path / "demo", num_classes=5, images_per_class=5, size=24)
+    cfg = tiny_config(tmp_path / "run", f"data.path={folder}", "data.batch_size=8", "data.drop_last=false",
+                      "train.epochs=2", "optim.lr=0.3")
+    assert train(cfg)["steps"] == 8
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 8
