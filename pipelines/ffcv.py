@@ -80,6 +80,35 @@ def check_beton(path: str) -> None:
         raise ValueError(damaged.format(f"a sample ends at byte {int((alloc['ptr'] + alloc['size']).max())}"))
 
 
+class CopyFence:
+    """Host-side proof that the last non_blocking host→device copy out of FFCV's buffers ran.
+
+    FFCV's CPU threads refill a batch's pinned slot as soon as the batch after it is taken from
+    its queue: its reuse guard (EpochIterator.run) is a CUDA event waited on its own slot
+    stream, which orders GPU work, not its CPU decoding. And at the epoch's end its buffers
+    return to torch's pinned cache with no event recorded (they reach us through numpy, so the
+    copy cannot record one on them). A copy queued behind the step may not have run by then,
+    and a batch would carry a later batch's pixels. So: record() after each copy, wait() before
+    the next batch is taken and before the buffers are let go. On a CPU the copy is synchronous.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.event: torch.cuda.Event | None = None
+
+    def record(self) -> None:
+        """Mark the copies just queued on the current stream."""
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> None:
+        """Block the host until the copies marked by the last record() have run."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
 class FFCVLoader:
     """The ffcv backend's TwoViewLoader for one rank (see pipelines.TwoViewLoader)."""
 
@@ -167,7 +196,10 @@ class FFCVLoader:
         """
         return self._raw(epoch, self.batch_indices(epoch, start_step))
 
-    def _raw(self, epoch: int, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _raw(self, epoch: int, batches: list[np.ndarray],
+             fence: CopyFence | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """FFCV's batches; with `fence`, each is taken only once the copy out of the one before
+        has finished, and the epoch's buffers are let go only once the last copy has."""
         if not batches:
             return
         # Only the last batch may be short, so FFCV's own chunking gives back these batches.
@@ -176,11 +208,15 @@ class FFCVLoader:
         epoch_iter = iter(self._loader)
         try:
             while True:
+                if fence is not None:
+                    fence.wait()  # taking a batch frees the previous one's slot for refilling
                 item = self._next(epoch_iter)
                 if item is None:
                     break
                 yield item
         finally:
+            if fence is not None:
+                fence.wait()  # the buffers go back to torch's pinned cache with no event of ours
             # Stop FFCV's thread when the consumer leaves early, and wait for it: two threads
             # in numba parallel code at once can abort the process (workqueue threading layer).
             epoch_iter.close()
@@ -209,13 +245,18 @@ class FFCVLoader:
         return result
 
     def _iterate(self, epoch: int, start_step: int, batches: list[np.ndarray]) -> Iterator[Batch]:
-        for step, (crops, labels) in enumerate(self._raw(epoch, batches), start=start_step):
-            # One copy of both views' uint8 crops; FFCV's buffers are pinned on a CUDA machine,
-            # and it waits on the current stream before reusing them.
-            crops = crops.to(self.device, non_blocking=True)  # (B, 2, S, S, 3)
-            # (B, 3, S, S) per view, channels-last strides
-            pair = (crops[:, 0].permute(0, 3, 1, 2), crops[:, 1].permute(0, 3, 1, 2))
-            view1, view2 = make_views(pair, self.augment, self.plan.seed, epoch, step, self.plan.rank)
-            # copy: on the CPU, .to() would alias FFCV's buffer, which it reuses
-            labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
-            yield Batch(view1, view2, labels)
+        fence = CopyFence(self.device)
+        raw = self._raw(epoch, batches, fence)
+        try:
+            for step, (crops, labels) in enumerate(raw, start=start_step):
+                # One copy of both views' uint8 crops out of FFCV's pinned buffers
+                crops = crops.to(self.device, non_blocking=True)  # (B, 2, S, S, 3)
+                # copy: on the CPU, .to() would alias FFCV's buffer, which it reuses
+                labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
+                fence.record()
+                # (B, 3, S, S) per view, channels-last strides
+                pair = (crops[:, 0].permute(0, 3, 1, 2), crops[:, 1].permute(0, 3, 1, 2))
+                view1, view2 = make_views(pair, self.augment, self.plan.seed, epoch, step, self.plan.rank)
+                yield Batch(view1, view2, labels)
+        finally:
+            raw.close()  # now, not when collected: its last fence.wait() releases the buffers

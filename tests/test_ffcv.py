@@ -199,6 +199,52 @@ def test_same_seed_same_batches_any_thread_count_and_resume(beton, loader):
     assert not torch.equal(a.view1, c.view1)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def test_a_batch_never_shares_memory_with_a_buffer_ffcv_refills(loader, monkeypatch):
+    """FFCV refills a batch's buffer once the next batch is taken. Every batch handed to the step
+    holds memory of its own (no overlap with any buffer FFCV handed out this epoch) and keeps its
+    values while every later batch is taken; and no batch is taken, nor the epoch's buffers let
+    go, while the copy out of the previous one is unfenced (CopyFence: on CUDA an event the host
+    synchronizes; the same calls on a CPU, where the copy is synchronous)."""
+    import pipelines.ffcv as backend
+
+    log: list[str] = []
+    buffers: list[tuple[int, int]] = []
+    real_next = backend.FFCVLoader._next
+
+    def take(epoch_iter):
+        item = real_next(epoch_iter)
+        log.append("take")
+        buffers.extend(_span(t) for t in item or ())
+        return item
+
+    monkeypatch.setattr(backend.FFCVLoader, "_next", staticmethod(take))
+    for name in ("record", "wait"):
+        real = getattr(backend.CopyFence, name)
+        monkeypatch.setattr(backend.CopyFence, name,
+                            lambda self, _real=real, _name=name: (log.append(_name), _real(self))[1])
+    kept, values = [], []
+    for batch in loader.epoch(4):
+        kept.append(batch)
+        values.append([t.clone() for t in batch])
+    assert len(kept) == len(loader) and len(buffers) == 2 * len(kept)
+    for batch, before in zip(kept, values):
+        for t, v in zip(batch, before):
+            assert torch.equal(t, v)  # unchanged by the batches taken after it
+            lo, hi = _span(t)
+            assert all(hi <= b_lo or lo >= b_hi for b_lo, b_hi in buffers)
+    unfenced = False
+    for entry in log:
+        if entry == "take":
+            assert not unfenced, log
+        unfenced = entry == "record" or (unfenced and entry != "wait")
+    assert not unfenced and log.count("record") == len(kept), log
+
+
 def test_two_ranks_cover_the_dataset_without_overlap(beton):
     """Rank 0 and rank 1 of a world of 2: disjoint shards whose union is the dataset."""
     ranks = [_loader(beton, seed=5, rank=r, world_size=2, batch_size=2 * 4) for r in range(2)]
