@@ -8,9 +8,7 @@ number of workers, the prefetch depth and resuming mid-epoch cannot change what 
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,61 +16,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.convert import BadImageError, BadImageWarning
 from pipelines.crops import sample_crop
 from pipelines.gpu_augment import make_views
+from pipelines.images import BadImageError, BadImageWarning, decode_rgb
 from pipelines.loader import Batch, DataConfig, LoaderPlan
 from pipelines.policy import AugmentConfig, ViewPolicy
 from pipelines.seeding import derive_seed, numpy_rng
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def find_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
-    """The ImageFolder / ImageNet layout under `root`: root/<class>/**/<image>.
-
-    Returns (paths, labels, classes): image paths sorted within each class, their class indices,
-    and the class folder names sorted (index i = classes[i]). Hidden files and folders are
-    ignored; extensions are matched case-insensitively against IMAGE_EXTENSIONS.
-    """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such directory (expected an ImageFolder root)")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a directory (expected an ImageFolder root)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ValueError(
-            f"{root}: no class folders; expected the ImageFolder layout {root}/<class>/<image>"
-        )
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = []
-        for folder, dirs, files in os.walk(root / name, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [
-                os.path.join(folder, f) for f in files
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-            ]
-        found.sort()
-        paths += found
-        labels += [label] * len(found)
-    if not paths:
-        raise ValueError(
-            f"{root}: no images in its {len(classes)} class folders "
-            f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return paths, labels, classes
-
-
-def decode_rgb(path: str) -> Image.Image:
-    """The image at `path` fully decoded as RGB (CMYK, grayscale, palette, alpha converted)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() forces the full decode: truncation fails here
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... for broken files
-        raise BadImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+from pipelines.sources import find_images
 
 
 def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 DALI decodes inside its pipeline and stops the whole run at the first file it cannot decode,
 without naming it. So the DALI backend first checks its list: each file is decoded the way
-`fastbyol convert` checks it (pipelines.convert.check_image; JPEGs at 1/8 scale, which still
+`fastbyol convert` checks it (pipelines.images.check_image; JPEGs at 1/8 scale, which still
 reads every byte) and its size is read. The answer is cached per file, keyed by its size and
 modification time, in $FASTBYOL_CACHE (default ~/.cache/fastbyol)/verified/: the next start
 only stats the files. `on_bad_image` then decides: skip drops the bad files by path (each named
@@ -22,7 +22,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from pipelines.convert import BadImageError, BadImageWarning, check_image
+from pipelines.images import BadImageError, BadImageWarning, check_image
 
 
 @dataclass

@@ -21,9 +21,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.crops import sample_crop
-from pipelines.folder import decode_rgb, find_images
+from pipelines.images import decode_rgb
 from pipelines.policy import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.seeding import numpy_rng
+from pipelines.sources import find_images
 
 SMALL_IMAGE = 128  # below this test size, the test transform keeps the whole image (no 256/224 margin)
 TRAIN_CROP_SCALE = (0.08, 1.0)  # random-resized-crop of linear evaluation and fine-tuning

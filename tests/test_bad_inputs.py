@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fastbyol.cli import error_line, main
-from pipelines.convert import class_map_path
+from pipelines.sources import class_map_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32", "data.batch_size=4",
@@ -151,7 +151,7 @@ def test_no_traceback_reaches_the_terminal(tmp_path, empty_config):
 def test_one_bad_image_class_for_every_path():
     """The converter, the folder loader and DALI's file list raise and warn with the same classes,
     so one `except BadImageError` (the CLI's, a user's) catches a bad image from any of them."""
-    from pipelines import convert, folder, image_list
+    from pipelines import convert, folder, image_list, images
 
-    assert folder.BadImageError is convert.BadImageError is image_list.BadImageError
-    assert folder.BadImageWarning is convert.BadImageWarning is image_list.BadImageWarning
+    assert folder.BadImageError is convert.BadImageError is image_list.BadImageError is images.BadImageError
+    assert folder.BadImageWarning is image_list.BadImageWarning is images.BadImageWarning

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines import convert as convert_mod
-from pipelines.convert import (BadImageError, add_convert_arguments, class_map_path,
-                               read_val_labels, run_convert, scan_source)
+from pipelines.convert import add_convert_arguments, run_convert
+from pipelines.images import BadImageError
+from pipelines.sources import class_map_path, read_val_labels, scan_source
 
 H, W = 20, 28  # below max_resolution: raw pixels are stored unchanged
 CMYK_COLOR = (200, 60, 30)
@@ -126,7 +127,9 @@ def test_interrupted_write_leaves_no_beton(tree, tmp_path, monkeypatch):
     """A failure in a writer process mid-way (here: a file that passed the check but fails
     when read) aborts the conversion, names the file, and removes the temporary file."""
     pytest.importorskip("ffcv")
-    real = convert_mod.load_rgb
+    from pipelines import ffcv_writer
+
+    real = ffcv_writer.load_rgb
     victim = str(tree["root"] / "b" / "0.JPEG")
 
     def flaky(path, max_side=None):
@@ -134,7 +137,7 @@ def test_interrupted_write_leaves_no_beton(tree, tmp_path, monkeypatch):
             raise BadImageError(f"{path}: vanished")
         return real(path, max_side)
 
-    monkeypatch.setattr(convert_mod, "load_rgb", flaky)  # inherited by the forked writers
+    monkeypatch.setattr(ffcv_writer, "load_rgb", flaky)  # inherited by the forked writers
     out = tmp_path / "x.beton"
     with pytest.raises(RuntimeError, match="vanished"):
         convert_mod.convert(tree["root"], out, num_workers=2, progress=False)
@@ -193,3 +196,17 @@ def test_subset_keeps_the_first_n_per_class(tree):
     assert mapping == {"a": 0, "b": 1, "c": 2, "d": 3}
     assert labels == [0, 1, 2]
     assert [Path(p).name for p in paths] == ["0.JPEG", "0.JPEG", "0.JPEG"]
+
+
+def test_options_are_checked_by_name_before_any_work(tmp_path):
+    """Each option's declared check (ConvertOptions) rejects a bad value by name, before the source
+    is even looked at (the source here does not exist)."""
+    missing = tmp_path / "nope"
+    bad = {"jpeg_quality": 0, "write_mode": "png", "compress_probability": 1.5, "max_resolution": 4,
+           "num_workers": 0, "subset": 0, "on_bad_image": "ignore"}
+    for key, value in bad.items():
+        with pytest.raises(ValueError, match=rf"^convert\.{key} = {value!r}: expected "):
+            convert_mod.convert(missing, tmp_path / "x.beton", **{key: value})
+    with pytest.raises(TypeError, match="max_res"):
+        convert_mod.convert(missing, tmp_path / "x.beton", max_res=256)  # the CLI's name, not an option
+    assert list(tmp_path.iterdir()) == []

@@ -432,7 +432,7 @@ def test_a_truncated_jpeg_is_skipped_by_path_or_named(tmp_path, jpeg_folder):
     import shutil
 
     from pipelines.image_list import BadImageWarning
-    from pipelines.convert import BadImageError
+    from pipelines.images import BadImageError
 
     dali = dali_module()
     folder = Path(shutil.copytree(jpeg_folder, tmp_path / "tree"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines import demo
 from pipelines.demo import MARKER, SHAPES, make_demo_dataset, make_demo_splits
-from pipelines.folder import find_images
+from pipelines.sources import find_images
 
 
 def _digest(folder: Path) -> dict[str, str]:

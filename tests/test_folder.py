@@ -15,9 +15,10 @@ from PIL import Image
 from pipelines import DataConfig, build_loader
 from pipelines import folder as folder_mod
 from pipelines.crops import sample_crop
-from pipelines.folder import BadImageError, BadImageWarning, decode_rgb, find_images
+from pipelines.images import BadImageError, BadImageWarning, decode_rgb
 from pipelines.policy import AugmentConfig
 from pipelines.seeding import numpy_rng
+from pipelines.sources import find_images
 
 CROP = 16
 N_IMAGES = 15  # in tiny_image_folder

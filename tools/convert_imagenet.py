@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.convert import (add_writer_arguments, class_map_path, convert,  # noqa: E402
-                               writer_options)
+from pipelines.convert import add_writer_arguments, convert, writer_options  # noqa: E402
+from pipelines.sources import class_map_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
