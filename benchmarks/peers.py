@@ -56,7 +56,7 @@ from fastbyol.byol import MLP
 from fastbyol.config import load_config
 from fastbyol.dist import DistInfo
 from fastbyol.optim import RunPlan
-from fastbyol.train import build_components, train_step
+from fastbyol.step import build_components, train_step
 from pipelines.synthetic import random_batch
 
 CONTENDERS = ("fastbyol", "lightly", "byol-pytorch")

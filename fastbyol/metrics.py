@@ -16,6 +16,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fastbyol import dist
+from fastbyol.utilization import mfu
+
 
 class Throughput:
     """Images/sec over a moving window of the last `window` (time, images) readings."""
@@ -76,9 +79,6 @@ class MetricWindow:
         images_per_sec (summed over ranks, over the last few windows); loader_wait_share (of the
         window's wall time), step_time_s, mfu (None: no known peak for this device and
         precision) and, on CUDA, peak_memory_gib (the most allocated since the start)."""
-        from fastbyol import dist
-        from fastbyol.utilization import mfu
-
         wall = time.perf_counter() - self.start
         timing = torch.tensor([self.wait_s, wall], device=self.device)
         means = dist.all_reduce_mean(torch.cat([self.sums / self.steps, timing.to(self.sums.dtype)]))
@@ -175,6 +175,12 @@ class RunMonitor:
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":
             self.console.print(text, highlight=False, soft_wrap=True)  # a log file wants whole lines
+
+    def __enter__(self) -> RunMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.progress is not None:

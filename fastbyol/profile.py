@@ -12,7 +12,7 @@ On CUDA a window is bracketed by `torch.cuda.synchronize()` and the optimizer / 
 events; on CPU by `time.perf_counter()` (CPU kernels are synchronous). Under torchrun every rank
 measures its own figures; they are all-gathered and the global figure is their sum.
 
-The verdict (see `verdict`) compares the figures by explicit rules; the knobs (see `knobs`) are
+The verdict (fastbyol/verdict.py) compares the figures by explicit rules; the knobs (see `knobs`) are
 the config keys that would help for that verdict, marked when the config already uses them.
 Nothing is written to the config's run_dir: `train()` is never called.
 
@@ -48,6 +48,9 @@ import pipelines
 from fastbyol import dist
 from fastbyol.config import Config, ConfigError, load_config, to_dict
 from fastbyol.optim import RunPlan
+from fastbyol.step import build_components, train_step
+from fastbyol.verdict import HIDES_WELL, VERDICTS, verdict
+from pipelines.synthetic import random_batch
 
 JSON_KEYS = ("machine", "config", "world_size", "device", "steps", "warmup", "loader_delay_s", "sweep_key", "runs")
 RUN_KEYS = ("sweep_value", "batch_per_rank", "crop_size", "config", "loader", "model", "end_to_end",
@@ -55,10 +58,6 @@ RUN_KEYS = ("sweep_value", "batch_per_rank", "crop_size", "config", "loader", "m
             "verdict", "evidence", "knobs", "trace")
 MACHINE_KEYS = ("gpu", "gpu_memory_bytes", "cpu_count", "torch", "cuda", "dali", "ffcv", "python", "platform")
 
-# Verdict thresholds (source images/sec ratios); see `verdict`.
-HIDES_WELL = 0.97  # end-to-end / model-only at or above this: the loader is hidden (DESIGN.md's goal)
-LOSES_MUCH = 0.90  # end-to-end / model-only below this: the pipeline costs more than 10 %
-HEADROOM = 1.20  # loader-only / model-only at or above this: the loader comfortably outruns the model
 SHARE_STEPS = 5  # steps timed part by part for the optimizer + EMA share
 TRACE_STEPS = 3  # end-to-end steps recorded by --trace
 FIGURES = ("loader", "model", "end_to_end")
@@ -170,9 +169,6 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
             loader_delay: float = 0.0, trace_path: Path | None = None) -> dict:
     """The three figures of `cfg` on this rank, gathered over ranks: a dict with RUN_KEYS
     (less sweep_value, config and knobs, added by `profile`). Rates in source images/sec."""
-    from fastbyol.train import build_components, train_step
-    from pipelines.synthetic import random_batch
-
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     # The loader first: a missing backend or data path fails before any model is built.
@@ -262,47 +258,12 @@ def _trace(step: Callable[[], None], device: torch.device, path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- verdict and knobs
-
-
-VERDICTS = ("loader-bound", "model-bound", "contention", "balanced")
-
-
-def verdict(loader: float, model: float, end_to_end: float) -> tuple[str, list[str]]:
-    """The bottleneck named from three rates (images/sec), with the evidence: a pure function.
-
-    Rules, with L = loader-only, M = model-only, E = end-to-end (first match wins):
-      loader-bound  L < M (the loader alone cannot feed the model), or E/M < LOSES_MUCH and
-                    L < HEADROOM·M (the pipeline costs > 10 % and the loader has no headroom);
-      model-bound   L >= HEADROOM·M and E/M >= HIDES_WELL (the loader outruns the model and hides);
-      contention    L >= HEADROOM·M but E/M < HIDES_WELL: the loader is fast alone, so the loss is not
-                    its speed but what it shares with the step: its workers take CPU cores the step
-                    needs (all of them when the step runs on the CPU), or a per-batch host-to-device
-                    copy or host sync stalls the step;
-      balanced      otherwise: HEADROOM·M > L >= M and E/M >= LOSES_MUCH (the loader just keeps up).
-    """
-    lm, em = loader / model, end_to_end / model
-    facts = [f"loader-only / model-only = {lm:.2f} (headroom: >= {HEADROOM:.2f})",
-             f"end-to-end / model-only = {em:.2f} (hidden: >= {HIDES_WELL:.2f}; costly: < {LOSES_MUCH:.2f})"]
-    if lm < 1.0:
-        return "loader-bound", facts + [f"the loader alone delivers {loader:.1f} images/sec, less than the "
-                                        f"{model:.1f} the model step consumes"]
-    if em < LOSES_MUCH and lm < HEADROOM:
-        return "loader-bound", facts + [f"end-to-end loses {100 * (1 - em):.0f} % of the model-only speed and the "
-                                        f"loader has under {100 * (HEADROOM - 1):.0f} % headroom"]
-    if lm >= HEADROOM and em >= HIDES_WELL:
-        return "model-bound", facts + ["the loader outruns the model and hides behind it: speed up the step"]
-    if lm >= HEADROOM:
-        return "contention", facts + [
-            f"the loader alone is {lm:.1f}x faster than the model, yet end-to-end loses {100 * (1 - em):.0f} %: "
-            "not a slow loader but a shared resource: its workers take CPU cores the step needs, or a "
-            "per-batch host-to-device copy or host sync stalls the step (see the trace: --trace)"]
-    return "balanced", facts + ["the loader only just keeps up with the model: both sides set the pace"]
+# ---------------------------------------------------------------- knobs
 
 
 def knobs(cfg: Config, which: str, world_size: int = 1, peak_memory: int | None = None,
           device: torch.device | None = None) -> list[dict]:
-    """Config keys that would help a `which` run (one of VERDICTS):
+    """Config keys that would help a `which` run (one of fastbyol.verdict.VERDICTS):
     dicts {key, current, suggestion, already}, `already` True when the config already uses it."""
     d, m = cfg.data, cfg.model
     cores = max(1, (os.cpu_count() or 1) // world_size)
@@ -531,4 +492,4 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 __all__ = ["VERDICTS", "DelayedLoader", "JSON_KEYS", "MACHINE_KEYS", "RUN_KEYS", "add_profile_arguments", "knobs",
-           "machine_info", "measure", "parse_sweep", "print_report", "profile", "run_profile", "verdict"]
+           "machine_info", "measure", "parse_sweep", "print_report", "profile", "run_profile"]

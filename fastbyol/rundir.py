@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,43 @@ RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "d
                      "dist.timeout_s")
 # What a run writes besides its checkpoints (moved aside together with them on a fresh start).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt")
+
+
+@dataclass
+class RunStart:
+    """What opening a run directory found (see `open_run`)."""
+
+    run_dir: Path
+    step: int  # the step training starts from: 0 for a fresh start, the checkpoint's step on a resume
+    state: dict | None = None  # the checkpoint resumed from (on every rank); None for a fresh start
+    complete: bool = False  # the directory already holds every step of the run: nothing to train
+    messages: list[str] = field(default_factory=list)  # for the user, in order (rank 0's; none on others)
+
+
+def open_run(cfg: Config, total_steps: int, force: bool, info: dist.DistInfo,
+             map_location: str | torch.device = "cpu") -> RunStart:
+    """Open cfg.train.run_dir for a run of `total_steps` steps, on every rank at once: decide fresh or
+    resume, load the agreed checkpoint, and make the directory this run's (rank 0 writes).
+
+    Call it once the data has been found: nothing is written before the checkpoint is chosen, and a
+    refused start (a different run without `force`, a checkpoint a rank cannot load) raises
+    ConfigError and leaves the directory as it was. A run that is complete already is left as it is,
+    except for what a kill at its very end left undone (`finish_complete`). Makes cfg's data and eval
+    paths absolute first, so the run's config.yaml names the same files from anywhere.
+    """
+    absolute_paths(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    fresh = decide_fresh(cfg, run_dir, force, info)
+    state = None if fresh else load_agreed_checkpoint(cfg, run_dir, info, map_location=map_location)
+    step = 0 if state is None else state["step"]
+    if step >= total_steps:
+        notes = finish_complete(run_dir, state) if info.is_main else []
+        return RunStart(run_dir, step, state, complete=True, messages=notes)
+    messages = begin(cfg, run_dir, fresh, step) if info.is_main else []
+    dist.barrier()  # no rank starts before rank 0 has made the directory this run's
+    if state is not None:
+        messages.append(f"resumed from {state['path']} at step {step}")
+    return RunStart(run_dir, step, state, messages=messages)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -185,5 +223,4 @@ def finish_complete(run_dir: Path, state: dict) -> list[str]:
     return notes
 
 
-__all__ = ["RESUMABLE_CHANGES", "absolute_paths", "begin", "config_changes", "decide_fresh", "finish_complete",
-           "load_agreed_checkpoint", "move_aside", "truncate_metrics"]
+__all__ = ["RESUMABLE_CHANGES", "RunStart", "config_changes", "move_aside", "open_run", "truncate_metrics"]

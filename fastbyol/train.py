@@ -1,5 +1,10 @@
 """The BYOL training loop: read it top to bottom.
 
+`_train` is the story: find the data, open the run directory (fresh or resumed), build the model,
+then one flat loop of steps; after each step `due` decides, in one place, whether to log, run the
+kNN monitor, write a checkpoint or stop. The step itself (model, LARS, EMA) is fastbyol/step.py;
+the run directory's rules are fastbyol/rundir.py.
+
 Per step: lr_k and tau_k from the schedules (pure functions of the step), one BYOL forward and
 backward under autocast, a LARS step, a target EMA update. Metrics stay on the device and are read
 every `logging.log_every` steps, so the step itself never waits for the host.
@@ -11,110 +16,178 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 import pipelines
 from fastbyol import checkpoint, dist, rundir
-from fastbyol.byol import BYOL, BYOLOutput, param_groups
 from fastbyol.config import Config, to_dict
-from fastbyol.ema import TargetEMA
-from fastbyol.knn import KNNMonitor
 from fastbyol.export import online_encoder_state
+from fastbyol.knn import KNNMonitor
 from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics, time_figures
-from fastbyol.models.resnet import resnet
-from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
-from fastbyol.optim import LARS, RunPlan
+from fastbyol.optim import RunPlan
+from fastbyol.step import Components, build_components, build_model, initial_encoder, restore, train_step, training_state
 from fastbyol.utilization import peak_flops, step_flops_per_image
+from fastbyol.verdict import verdict
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
 
 
-@dataclass
-class Components:
-    """What one training step needs; `model` may be DDP-wrapped, `byol` is the plain module."""
+def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) the training of `cfg` (a Config from load_config: validated there, once);
+    returns a summary dict (steps, final loss, images/sec, where the time went, kNN).
 
-    model: nn.Module
-    byol: BYOL
-    optimizer: LARS
-    ema: TargetEMA
-    scaler: torch.amp.GradScaler | None
-    autocast: Callable[[], contextlib.AbstractContextManager]
-
-
-def build_model(cfg: Config) -> BYOL:
-    """The BYOL module of the config, on the CPU, parameters initialised from the global torch RNG."""
-    encoder = resnet(cfg.model.depth, cfg.model.width, cfg.model.stem, cfg.model.zero_init_residual)
-    return BYOL(encoder, encoder.num_features, cfg.byol.hidden_dim, cfg.byol.proj_dim, cfg.byol.concat_views)
-
-
-def initial_encoder(cfg: Config, device: torch.device) -> nn.Module:
-    """The online encoder exactly as build_components initialises it (train.seed), untrained: the
-    baseline a run's kNN accuracy is compared with. The global RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        encoder = build_model(cfg).online_encoder.to(device)
-    return encoder.to(memory_format=torch.channels_last) if cfg.model.channels_last else encoder
+    `step_hook(step)` is called after every training step, before the loop decides what follows
+    it (tests use it to interrupt a run).
+    """
+    info, device = dist.init(cfg.train.device, cfg.dist.timeout_s)
+    try:
+        return _train(cfg, info, device, force, step_hook)
+    except RuntimeError as e:
+        if not dist.is_collective_failure(e):
+            raise
+        where = (f"the newest checkpoint in {cfg.train.run_dir} is whole: run the same command again to resume "
+                 f"from it")
+        raise dist.name_lost_ranks(e, min(10.0, cfg.dist.timeout_s), where) from e
+    finally:
+        dist.shutdown()
 
 
-def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, peak_lr: float) -> Components:
-    """Model (DDP-wrapped when distributed), LARS, target EMA, grad scaler and autocast of the config."""
-    torch.manual_seed(cfg.train.seed)
-    byol = build_model(cfg)
-    if info.enabled and cfg.dist.sync_bn:
-        byol = convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
-    byol = byol.to(device)
-    if cfg.model.channels_last:
-        byol = byol.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay), lr=peak_lr, momentum=cfg.optim.momentum,
-                     eta=cfg.optim.eta)
-    ema = TargetEMA(byol.online_network(), byol.target_network())
-    model: nn.Module = byol
-    if cfg.model.compile:
-        model.compile(mode=cfg.model.compile_mode)
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
-            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
-    precision = cfg.train.precision
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
+           step_hook: Callable[[int], None] | None) -> dict:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    # the data first: a missing backend or data path fails before the run directory is touched
+    if cfg.data.demo and not Path(cfg.data.path).exists():
+        _say(cfg, info, f"writing the demo image set to {Path(cfg.data.path).parent} (first use only) ...")
+    loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
+    plan = RunPlan.of(cfg, len(loader))
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+    run = rundir.open_run(cfg, plan.total_steps, force, info, map_location=device)
+    if run.complete:
+        return {"steps": run.step, "total_steps": plan.total_steps, "already_complete": True,
+                "run_dir": str(run.run_dir), "notes": run.messages}
 
-    return Components(model, byol, optimizer, ema, scaler, autocast)
+    c = build_components(cfg, device, info, plan.peak_lr)
+    if run.state is not None:
+        restore(c, run.state)
+    _say(cfg, info, f"training ResNet-{cfg.model.depth} ({sum(p.numel() for p in c.byol.online_parameters()) / 1e6:.1f}M "
+         f"parameters with the heads) on {device.type}: {plan.total_steps} steps of {cfg.data.batch_size} images "
+         f"from {cfg.data.path}")
+
+    step = start_step = run.step
+    knn = KNNHook(cfg, plan)
+    window = MetricWindow(device, loader.batch_size * info.world_size, info.world_size,
+                          step_flops_per_image(cfg, build_model), peak_flops(device, cfg.train.precision),
+                          first_step=step)
+    record: dict = {}
+    knn_end: dict = {}
+    c.model.train()
+    start_time = time.perf_counter()
+    with RunMonitor(run.run_dir, plan.total_steps, cfg.logging.progress, enabled=info.is_main,
+                    first_step=step) as monitor:
+        for text in run.messages:
+            monitor.message(text)
+        with StopFlag() as stop:
+            for batch in window.batches(_batches(loader, plan, step)):
+                epoch, lr, tau = plan.epoch(step), plan.lr(step), plan.tau(step)
+                out = train_step(c, batch.view1, batch.view2, lr, tau)
+                window.add(out.loss, out.cosine, out.collapse_std)
+                step += 1
+                if step_hook is not None:
+                    step_hook(step)
+                now = due(step, cfg, plan, knn, stop, info, device)
+                if now.log:
+                    record = {"step": step, "epoch": epoch, **window.flush(step), "lr": lr, "tau": tau,
+                              "time": time.time()}
+                    if now.knn:
+                        record.update(knn(c.byol.online_encoder, monitor, step))
+                        window.pause(step)  # the evaluation's pause is not training throughput
+                    monitor.log(record)
+                if now.checkpoint:
+                    _save(c, cfg, plan, info, run.run_dir, step)
+                if now.stop:
+                    monitor.message(f"stopped by signal {stop.raised} at step {step}; checkpoint written, "
+                                    f"run the same command again to resume")
+                    raise Interrupted(f"interrupted at step {step}")
+        _save(c, cfg, plan, info, run.run_dir, step)
+        if knn.monitor is not None:
+            knn_end = knn.side_by_side(c.byol.online_encoder, initial_encoder(cfg, device), record, monitor, step)
+
+    elapsed = time.perf_counter() - start_time
+    images_per_step = loader.batch_size * info.world_size
+    summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
+               "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
+               "wall_time_s": elapsed, "run_dir": str(run.run_dir), "total_steps": plan.total_steps,
+               "already_complete": False, "knn": knn_end, **where_time_went(window, record)}
+    if info.is_main:
+        checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run.run_dir / "encoder.pt")
+        if cfg.logging.plot and (run.run_dir / "metrics.jsonl").exists():
+            plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "metrics.png")
+    return summary
 
 
-def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float) -> BYOLOutput:
-    """One BYOL step: forward + backward of the symmetric loss, LARS at `lr`, EMA at `tau`."""
-    for group in c.optimizer.param_groups:
-        group["lr"] = lr
-    with c.autocast():
-        out = c.model(view1, view2)
-    if c.scaler is not None:
-        c.scaler.scale(out.loss).backward()
-        c.scaler.step(c.optimizer)
-        c.scaler.update()
-    else:
-        out.loss.backward()
-        c.optimizer.step()
-    c.optimizer.zero_grad(set_to_none=True)
-    c.ema.update(tau)
-    return out
+# ---------------------------------------------------------------- the loop's parts
+
+
+@dataclass(frozen=True)
+class Due:
+    """What follows a step: a log line (with the kNN monitor when `knn`), a checkpoint, a stop."""
+
+    log: bool
+    knn: bool
+    checkpoint: bool
+    stop: bool
+
+
+def due(step: int, cfg: Config, plan: RunPlan, knn: KNNHook, stop: StopFlag, info: dist.DistInfo,
+        device: torch.device) -> Due:
+    """The one place that decides what follows `step` (steps done): log every logging.log_every steps,
+    at the last step and with every kNN evaluation; checkpoint every train.checkpoint_every steps
+    (the last step's checkpoint is written after the loop) and when stopping; stop on a signal
+    (distributed: agreed at log steps only, see `should_stop`)."""
+    at_log = step % cfg.logging.log_every == 0
+    at_knn = knn.due(step)
+    stopping = should_stop(stop, info, at_log, device)
+    periodic = step % cfg.train.checkpoint_every == 0 and step < plan.total_steps
+    return Due(log=at_log or at_knn or step == plan.total_steps, knn=at_knn, checkpoint=periodic or stopping,
+               stop=stopping)
+
+
+def _batches(loader: pipelines.TwoViewLoader, plan: RunPlan, step: int) -> Iterator[pipelines.Batch]:
+    """The run's batches from `step` (steps done) to plan.total_steps, epoch after epoch; a resumed
+    run starts mid-epoch, at the batch it would have seen next."""
+    while step < plan.total_steps:
+        for batch in loader.epoch(plan.epoch(step), start_step=step % plan.steps_per_epoch):
+            yield batch
+            step += 1
+            if step >= plan.total_steps:
+                return
+
+
+def _save(c: Components, cfg: Config, plan: RunPlan, info: dist.DistInfo, run_dir: Path, step: int) -> None:
+    """The checkpoint of `step` (rank 0 writes, keeping train.keep_checkpoints); every rank waits for it."""
+    if info.is_main:
+        checkpoint.save_checkpoint({**training_state(c), "step": step, "epoch": plan.epoch(step),
+                                    "config": to_dict(cfg), "world_size": info.world_size},
+                                   run_dir, step, cfg.train.keep_checkpoints)
+    dist.barrier()
+
+
+def _say(cfg: Config, info: dist.DistInfo, text: str) -> None:
+    """What happens before the first step (data, model): one line on stderr, on rank 0."""
+    if info.is_main and cfg.logging.progress != "none":
+        print(text, file=sys.stderr, flush=True)
 
 
 class StopFlag:
@@ -140,22 +213,17 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) the training of `cfg`; returns a summary dict (steps, final loss, images/sec).
-
-    `step_hook(step)` is called after every step (tests use it to interrupt a run).
-    """
-    info, device = dist.init(cfg.train.device, cfg.dist.timeout_s)
-    try:
-        return _train(cfg, info, device, force, step_hook)
-    except RuntimeError as e:
-        if not dist.is_collective_failure(e):
-            raise
-        where = (f"the newest checkpoint in {cfg.train.run_dir} is whole: run the same command again to resume "
-                 f"from it")
-        raise dist.name_lost_ranks(e, min(10.0, cfg.dist.timeout_s), where) from e
-    finally:
-        dist.shutdown()
+def should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool, device: torch.device) -> bool:
+    """Whether to stop now. Distributed: agreed at log steps only, so all ranks stop at the same
+    step and the other steps stay free of a host sync."""
+    if not info.enabled:
+        return stop.raised is not None
+    if not at_log_step:
+        return False
+    agreed = dist.any_rank(stop.raised is not None, device)
+    if agreed and stop.raised is None:
+        stop.raised = signal.SIGTERM
+    return agreed
 
 
 class KNNHook:
@@ -190,119 +258,10 @@ class KNNHook:
                 "random_init_top1": before["knn_top1"], "random_init_top5": before["knn_top5"]}
 
 
-def _restore(c: Components, state: dict) -> None:
-    """Model, optimizer and grad-scaler state of a checkpoint into the components."""
-    c.byol.load_state_dict(state["model"])
-    c.optimizer.load_state_dict(state["optimizer"])
-    if c.scaler is not None and state.get("scaler"):
-        c.scaler.load_state_dict(state["scaler"])
+# ---------------------------------------------------------------- the summary
 
 
-def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
-           step_hook: Callable[[int], None] | None) -> dict:
-    cfg.validate(info.world_size)
-    rundir.absolute_paths(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    fresh = rundir.decide_fresh(cfg, run_dir, force, info)  # nothing is written before data and checkpoint are good
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-
-    def say(text: str) -> None:  # what happens before the first step (data, model), on rank 0
-        if info.is_main and cfg.logging.progress != "none":
-            print(text, file=sys.stderr, flush=True)
-
-    if cfg.data.demo and not Path(cfg.data.path).exists():
-        say(f"writing the demo image set to {Path(cfg.data.path).parent} (first use only) ...")
-    loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
-    plan = RunPlan.of(cfg, len(loader))
-    c = build_components(cfg, device, info, plan.peak_lr)
-    say(f"training ResNet-{cfg.model.depth} ({sum(p.numel() for p in c.byol.online_parameters()) / 1e6:.1f}M "
-        f"parameters with the heads) on {device.type}: {plan.total_steps} steps of {cfg.data.batch_size} images "
-        f"from {cfg.data.path}")
-
-    state = None if fresh else rundir.load_agreed_checkpoint(cfg, run_dir, info, map_location=device)
-    step = 0 if state is None else state["step"]
-    if step >= plan.total_steps:  # a finished run: report it; only finish what a kill cut short
-        notes = rundir.finish_complete(run_dir, state) if info.is_main else []
-        return {"steps": step, "total_steps": plan.total_steps, "already_complete": True, "run_dir": str(run_dir),
-                "notes": notes}
-    if state is not None:
-        _restore(c, state)
-    messages = rundir.begin(cfg, run_dir, fresh, step) if info.is_main else []
-    dist.barrier()
-
-    monitor = RunMonitor(run_dir, plan.total_steps, cfg.logging.progress, enabled=info.is_main, first_step=step)
-    for text in messages:
-        monitor.message(text)
-    if state is not None:
-        monitor.message(f"resumed from {state['path']} at step {step}")
-    knn = KNNHook(cfg, plan)
-    knn_end: dict = {}
-    images_per_step = loader.batch_size * info.world_size
-    window = MetricWindow(device, images_per_step, info.world_size, step_flops_per_image(cfg),
-                          peak_flops(device, cfg.train.precision), first_step=step)
-    record: dict = {}
-
-    def save() -> None:
-        if info.is_main:
-            checkpoint.save_checkpoint({
-                "model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
-                "scaler": c.scaler.state_dict() if c.scaler is not None else None,
-                "step": step, "epoch": plan.epoch(step), "config": to_dict(cfg),
-                "world_size": info.world_size,
-            }, run_dir, step, cfg.train.keep_checkpoints)
-        dist.barrier()
-
-    c.model.train()
-    start_time = time.perf_counter()
-    start_step = step
-    try:
-        with StopFlag() as stop:
-            while step < plan.total_steps:
-                epoch = plan.epoch(step)
-                for batch in window.batches(loader.epoch(epoch, start_step=step % plan.steps_per_epoch)):
-                    lr, tau = plan.lr(step), plan.tau(step)
-                    out = train_step(c, batch.view1, batch.view2, lr, tau)
-                    window.add(out.loss, out.cosine, out.collapse_std)
-                    step += 1
-                    at_knn = knn.due(step)
-                    if step % cfg.logging.log_every == 0 or step == plan.total_steps or at_knn:
-                        record = {"step": step, "epoch": epoch, **window.flush(step), "lr": lr, "tau": tau,
-                                  "time": time.time()}
-                        if at_knn:
-                            record.update(knn(c.byol.online_encoder, monitor, step))
-                            window.pause(step)  # the evaluation's pause is not training throughput
-                        monitor.log(record)
-                    if step % cfg.train.checkpoint_every == 0 and step < plan.total_steps:
-                        save()
-                    if step_hook is not None:
-                        step_hook(step)
-                    if _should_stop(stop, info, step % cfg.logging.log_every == 0, device):
-                        save()
-                        monitor.message(f"stopped by signal {stop.raised} at step {step}; checkpoint written, "
-                                        f"run the same command again to resume")
-                        raise Interrupted(f"interrupted at step {step}")
-                    if step >= plan.total_steps:
-                        break
-        save()
-        if knn.monitor is not None:
-            knn_end = knn.side_by_side(c.byol.online_encoder, initial_encoder(cfg, device), record, monitor, step)
-    finally:
-        monitor.close()
-
-    elapsed = time.perf_counter() - start_time
-    summary = {"steps": step, "final_loss": record.get("loss"), "images_per_sec": record.get("images_per_sec"),
-               "mean_images_per_sec": (step - start_step) * images_per_step / elapsed if elapsed > 0 else None,
-               "wall_time_s": elapsed, "run_dir": str(run_dir), "total_steps": plan.total_steps, "already_complete": False,
-               "knn": knn_end, **_where_time_went(window, record)}
-    if info.is_main:
-        checkpoint.atomic_save(online_encoder_state(c.byol.state_dict()), run_dir / "encoder.pt")
-        if cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
-            plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-    return summary
-
-
-def _where_time_went(window: MetricWindow, last: dict) -> dict:
+def where_time_went(window: MetricWindow, last: dict) -> dict:
     """The run's time figures for the summary: loader wait share and step time over every logged
     window, the last record's MFU and peak memory, and the profiler's verdict on them.
 
@@ -312,8 +271,6 @@ def _where_time_went(window: MetricWindow, last: dict) -> dict:
     rates; a prefetching loader hides part of its work, so the loader rate is an upper bound,
     and end-to-end / model (= 1 − wait share) still says how much the pipeline costs.
     """
-    from fastbyol.profile import verdict
-
     t = window.total
     if not t["images"] or t["wall_s"] <= 0:
         return {}
@@ -350,17 +307,5 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def _should_stop(stop: StopFlag, info: dist.DistInfo, at_log_step: bool, device: torch.device) -> bool:
-    """Whether to stop now. Distributed: agreed at log steps only, so all ranks stop at the same
-    step and the other steps stay free of a host sync."""
-    if not info.enabled:
-        return stop.raised is not None
-    if not at_log_step:
-        return False
-    agreed = dist.any_rank(stop.raised is not None, device)
-    if agreed and stop.raised is None:
-        stop.raised = signal.SIGTERM
-    return agreed
-
-
-__all__ = ["Components", "Interrupted", "build_components", "build_model", "train", "train_step"]
+__all__ = ["Due", "Interrupted", "KNNHook", "StopFlag", "due", "should_stop", "summary_lines", "train",
+           "where_time_went"]

@@ -8,7 +8,10 @@ anything else (a CPU, an unlisted GPU) is "unknown" rather than a guess.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastbyol.config import Config
@@ -25,11 +28,10 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
-def step_flops_per_image(cfg: Config) -> float:
+def step_flops_per_image(cfg: Config, build_model: Callable[[Config], nn.Module]) -> float:
     """FLOPs of one BYOL training step (online forward + backward on both views, target forward),
-    per source image, for the model and crop size of `cfg`."""
-    from fastbyol.train import build_model
-
+    per source image, for the model and crop size of `cfg`; `build_model(cfg)` (fastbyol.step's)
+    builds the BYOL module, whose forward on two views returns an output with a `.loss`."""
     rng = torch.get_rng_state()  # building a model may draw from the global RNG; leave it as it was
     try:
         with torch.device("meta"):

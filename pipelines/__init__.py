@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipelines.dali import DALILoader
+from pipelines.demo import make_demo_splits
 from pipelines.ffcv import FFCVLoader
 from pipelines.folder import FolderLoader
 from pipelines.loader import (
@@ -29,8 +30,6 @@ assert tuple(LOADERS) == BACKENDS, "every backend named in data.backend has a lo
 
 def _ensure_demo(path: str) -> None:
     """Create the demo set if `path` (which must be <root>/train) does not exist yet."""
-    from pipelines.demo import make_demo_splits
-
     target = Path(path)
     if target.name != "train":
         raise ValueError(f"data.demo = true needs data.path ending in /train (the demo's train split), got {path!r}")
@@ -46,8 +45,9 @@ def build_loader(
     world_size: int = 1,
     seed: int = 0,
 ) -> TwoViewLoader:
-    """The two-view loader of `data.backend`, sharded for `rank` of `world_size`."""
-    data.validate()
+    """The two-view loader of `data.backend`, sharded for `rank` of `world_size`. `data` and
+    `augment` are checked where they are read (fastbyol's load_config, or DataConfig.validate and
+    AugmentConfig.validate for a config built in code), not again here."""
     if data.demo:
         _ensure_demo(data.path)
     return LOADERS[data.backend](data, augment, device, rank, world_size, seed)

@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
 from fastbyol import checkpoint, dist  # noqa: E402
 from fastbyol.config import load_config  # noqa: E402
 from fastbyol.models.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
-from fastbyol.train import Interrupted, build_components, build_model, train, train_step  # noqa: E402
+from fastbyol.step import build_components, build_model, train_step  # noqa: E402
+from fastbyol.train import Interrupted, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 

@@ -12,7 +12,7 @@ from fastbyol import checkpoint, cli
 from fastbyol.config import dump_yaml, load_config
 from fastbyol.export import build_encoder, encoder_state, export_encoder, infer_architecture, load_encoder
 from fastbyol.models.resnet import STAGES, resnet
-from fastbyol.train import build_model
+from fastbyol.step import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
 from fastbyol.config import load_config  # noqa: E402
-from fastbyol.train import build_model  # noqa: E402
+from fastbyol.step import build_model  # noqa: E402
 from pipelines.synthetic import random_batch  # noqa: E402
 
 TINY = ["--device", "cpu", "--depth", "18", "--stem", "cifar", "--size", "16", "--batch", "4", "--hidden", "32",

@@ -2,7 +2,9 @@
 for missing backends, a slowed loader called the bottleneck, one row per sweep value.
 
 Tiny everything (ResNet-18 cifar stem, 16 px views, hidden 64, batch 8, one or two timed steps):
-the figures are not compared with any speed, only with bounds that hold by construction.
+the figures are not compared with any speed, only with bounds that hold by construction; the
+verdict is checked as the rules (fastbyol/verdict.py, tested on recorded figures) applied to the
+figures the report gives, never as a word a fast enough machine would earn.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from fastbyol import cli
 from fastbyol.config import load_config
-from fastbyol.profile import VERDICTS, knobs, parse_sweep, profile, verdict
+from fastbyol.profile import knobs, parse_sweep, profile
+from fastbyol.verdict import verdict
 from pipelines.demo import make_demo_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
@@ -55,6 +58,9 @@ def _check_figures(run: dict) -> None:
                                                           / run["model"]["images_per_sec"])
     assert 0.0 < run["optimizer_ema_share"] < 1.0
     assert run["peak_memory_bytes"] is None  # CPU
+    # the verdict is the rules applied to the reported (global) figures
+    word, evidence = verdict(*(run[name]["images_per_sec"] for name in FIGURES))
+    assert (run["verdict"], run["evidence"]) == (word, evidence)
 
 
 def test_folder_backend_figures_json_and_trace(config, tmp_path, capsys):
@@ -72,7 +78,6 @@ def test_folder_backend_figures_json_and_trace(config, tmp_path, capsys):
     assert set(run) == RUN_KEYS
     assert (run["batch_per_rank"], run["crop_size"], run["sweep_value"]) == (BATCH, 16, None)
     _check_figures(run)
-    assert run["verdict"] in VERDICTS and run["evidence"]
     assert all(set(k) == {"key", "current", "suggestion", "already"} for k in run["knobs"])
 
     trace = json.loads((trace_dir / "profile_trace_rank0.json").read_text())
@@ -86,17 +91,15 @@ def test_folder_backend_figures_json_and_trace(config, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # the profile never writes into train.run_dir
 
 
-def test_slowed_loader_is_reported_as_the_bottleneck(config):
-    delay = 2.5  # seconds per batch: far slower than one tiny model step
-    report = profile(config, steps=1, warmup=0, loader_delay=delay)
+def test_a_slowed_loader_bounds_the_loader_figures_and_gets_its_knobs(config):
+    delay = 0.2  # seconds per batch; what matters is the bound it sets, not how it compares with the step
+    report = profile(config, steps=2, warmup=0, loader_delay=delay)
     [run] = report["runs"]
     _check_figures(run)
     # every loader batch (alone or feeding the step) sleeps `delay`: bounds by construction
     assert run["loader"]["images_per_sec"] <= BATCH / delay
     assert run["end_to_end"]["images_per_sec"] <= BATCH / delay
-    assert run["verdict"] == "loader-bound"
-    assert run["loader"]["images_per_sec"] < run["model"]["images_per_sec"]
-    assert {k["key"] for k in run["knobs"]} >= {"data.num_workers", "data.prefetch", "data.backend"}
+    assert run["knobs"] == knobs(load_config(config), run["verdict"], 1, None, torch.device("cpu"))
     assert report["loader_delay_s"] == delay
 
 
@@ -130,41 +133,6 @@ def test_unavailable_backend_is_a_one_line_error(config, tmp_path, monkeypatch, 
     assert "Traceback" not in err and err.startswith("error:")
     for word in words:
         assert word in err
-
-
-# Recorded figures (loader-only, model-only, end-to-end images/sec) and the verdict they must get.
-VERDICT_CASES = [
-    # a 2-core CPU, quickstart: the loader is 25x faster than the step, yet end-to-end loses 8 %:
-    # its workers take the cores the CPU step runs on (this was once called "balanced")
-    ((63.0, 2.5, 2.3), "contention"),
-    ((493.0, 9.4, 8.9), "contention"),  # gpu_suite --tiny, folder backend, 1 worker, on the same CPU
-    ((300, 100, 80), "contention"),  # ample headroom but a costly pipeline: copies or syncs
-    ((300, 100, 96.9), "contention"),  # just under the hiding goal
-    ((50, 100, 49), "loader-bound"),  # the loader alone is slower than the step
-    ((110, 100, 85), "loader-bound"),  # costly pipeline, under 20 % headroom
-    ((99.9, 100, 99.9), "loader-bound"),
-    ((300, 100, 98), "model-bound"),
-    ((120, 100, 97), "model-bound"),  # both thresholds inclusive
-    ((1353.0, 10.0, 11.8), "model-bound"),  # gpu_suite --tiny, ffcv: end-to-end above model-only is noise
-    ((110, 100, 95), "balanced"),  # just keeps up, small loss
-    ((119, 100, 90), "balanced"),
-]
-
-
-@pytest.mark.parametrize("figures,expected", VERDICT_CASES)
-def test_verdict_rules_on_recorded_figures(figures, expected):
-    word, evidence = verdict(*figures)
-    assert word == expected, (figures, evidence)
-    loader, model, e2e = figures
-    assert any(f"{loader / model:.2f}" in line for line in evidence)
-    assert any(f"{e2e / model:.2f}" in line for line in evidence)
-
-
-def test_contention_names_the_shared_resource():
-    word, evidence = verdict(63.0, 2.5, 2.3)
-    assert word == "contention"
-    assert "25.2x faster" in evidence[-1] and "loses 8 %" in evidence[-1]
-    assert "CPU cores" in evidence[-1] and "copy" in evidence[-1]
 
 
 def test_knobs_mark_what_the_config_already_uses(config):

@@ -17,7 +17,7 @@ import torch.distributed as tdist
 
 from fastbyol import dist
 from fastbyol.config import ConfigError, load_config
-from fastbyol.train import build_components, train_step
+from fastbyol.step import build_components, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from fastbyol.config import load_config
 from fastbyol.metrics import MetricWindow, time_figures
-from fastbyol.train import build_model, summary_lines
+from fastbyol.step import build_model
+from fastbyol.train import summary_lines
 from fastbyol.utilization import mfu, peak_flops, step_flops_per_image
 
 TINY = ["data.backend=synthetic", "model.depth=18", "model.stem=cifar", "byol.hidden_dim=64", "byol.proj_dim=32",
@@ -46,14 +47,14 @@ def test_step_flops_match_a_count_from_the_layer_shapes():
     # per view: online forward, its backward (weight gradients everywhere, input gradients except
     # at the first conv, whose input is the image), target forward; 2 FLOPs per multiply-add
     per_view = 2 * (online_macs + 2 * online_macs - first_conv + target_macs)
-    assert step_flops_per_image(cfg) == pytest.approx(2 * per_view / 2, rel=1e-9)
+    assert step_flops_per_image(cfg, build_model) == pytest.approx(2 * per_view / 2, rel=1e-9)
 
 
 def test_counting_flops_leaves_the_global_rng_alone():
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    step_flops_per_image(load_config(None, TINY))
+    step_flops_per_image(load_config(None, TINY), build_model)
     assert torch.equal(torch.rand(3), expected)
 
 

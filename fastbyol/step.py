@@ -1,0 +1,121 @@
+"""The step layer: the BYOL model of a config, what one training step needs, and the step itself.
+
+The loop (train.py), the profiler (profile.py) and the benchmarks build on this module; it knows
+nothing of run directories, logging or schedules: `train_step` is given its lr and tau.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastbyol import dist
+from fastbyol.byol import BYOL, BYOLOutput, param_groups
+from fastbyol.config import Config
+from fastbyol.ema import TargetEMA
+from fastbyol.models.resnet import resnet
+from fastbyol.models.sync_batchnorm import convert_sync_batchnorm
+from fastbyol.optim import LARS
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype (fp32: none)
+
+
+@dataclass
+class Components:
+    """What one training step needs; `model` may be DDP-wrapped or compiled, `byol` is the plain module.
+    `autocast_dtype` is None for fp32 (no autocast)."""
+
+    model: nn.Module
+    byol: BYOL
+    optimizer: LARS
+    ema: TargetEMA
+    scaler: torch.amp.GradScaler | None
+    device_type: str
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's autocast context of train.precision (a no-op for fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+
+def build_model(cfg: Config) -> BYOL:
+    """The BYOL module of the config, on the CPU, parameters initialised from the global torch RNG."""
+    encoder = resnet(cfg.model.depth, cfg.model.width, cfg.model.stem, cfg.model.zero_init_residual)
+    return BYOL(encoder, encoder.num_features, cfg.byol.hidden_dim, cfg.byol.proj_dim, cfg.byol.concat_views)
+
+
+def initial_encoder(cfg: Config, device: torch.device) -> nn.Module:
+    """The online encoder exactly as build_components initialises it (train.seed), untrained: the
+    baseline a run's kNN accuracy is compared with. The global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        encoder = build_model(cfg).online_encoder.to(device)
+    return encoder.to(memory_format=torch.channels_last) if cfg.model.channels_last else encoder
+
+
+def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, peak_lr: float) -> Components:
+    """Model (compiled and DDP-wrapped as the config and launcher say), LARS at `peak_lr`, target EMA,
+    grad scaler (fp16) and autocast of the config. Parameters initialised from train.seed."""
+    torch.manual_seed(cfg.train.seed)
+    byol = build_model(cfg)
+    if info.enabled and cfg.dist.sync_bn:
+        byol = convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
+    byol = byol.to(device)
+    if cfg.model.channels_last:
+        byol = byol.to(memory_format=torch.channels_last)
+    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay), lr=peak_lr, momentum=cfg.optim.momentum,
+                     eta=cfg.optim.eta)
+    ema = TargetEMA(byol.online_network(), byol.target_network())
+    model: nn.Module = byol
+    if cfg.model.compile:
+        model.compile(mode=cfg.model.compile_mode)
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
+            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
+    precision = cfg.train.precision
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return Components(model, byol, optimizer, ema, scaler, device.type, AUTOCAST_DTYPES.get(precision))
+
+
+def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float) -> BYOLOutput:
+    """One BYOL step: forward + backward of the symmetric loss, LARS at `lr`, EMA at `tau`.
+    Views: float (B, 3, H, W) on the model's device. Reads no tensor on the host."""
+    for group in c.optimizer.param_groups:
+        group["lr"] = lr
+    with c.autocast():
+        out = c.model(view1, view2)
+    if c.scaler is not None:
+        c.scaler.scale(out.loss).backward()
+        c.scaler.step(c.optimizer)
+        c.scaler.update()
+    else:
+        out.loss.backward()
+        c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    c.ema.update(tau)
+    return out
+
+
+def training_state(c: Components) -> dict:
+    """The step layer's part of a checkpoint: model, optimizer and grad-scaler state (None without fp16)."""
+    return {"model": c.byol.state_dict(), "optimizer": c.optimizer.state_dict(),
+            "scaler": c.scaler.state_dict() if c.scaler is not None else None}
+
+
+def restore(c: Components, state: dict) -> None:
+    """Model, optimizer and grad-scaler state of a checkpoint (see `training_state`) into the components."""
+    c.byol.load_state_dict(state["model"])
+    c.optimizer.load_state_dict(state["optimizer"])
+    if c.scaler is not None and state.get("scaler"):
+        c.scaler.load_state_dict(state["scaler"])
+
+
+__all__ = ["AUTOCAST_DTYPES", "Components", "build_components", "build_model", "initial_encoder", "restore",
+           "train_step", "training_state"]
