@@ -13,6 +13,7 @@ unpickling calls code) is refused unread, wherever it came from.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -58,9 +59,58 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failing write as RuntimeError("... unexpected pos ..."), the real
+        # error as its context: a full disk and a second Ctrl-C are said as what they are
+        if not isinstance(e, KeyboardInterrupt) and _in_chain(e, lambda x: isinstance(x, KeyboardInterrupt)):
+            raise KeyboardInterrupt(f"interrupted while writing {path}, which was left as it was") from None
+        if _in_chain(e, lambda x: isinstance(x, OSError) and x.errno in NO_SPACE):
+            raise NoSpaceLeft(f"no space left on {file_system(path.parent)} writing {path}") from None
         raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
+
+
+class NoSpaceLeft(OSError):
+    """A write found its file system full; the message names the file system and the file, and the
+    file is as it was before the write (whole)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _in_chain(e: BaseException | None, match: Callable[[BaseException], bool]) -> bool:
+    """Whether `e` or an exception it was raised from or during matches."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if match(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def file_system(folder: Path) -> str:
+    """'DEVICE (mounted at MOUNT)' of the file system that holds `folder` (MOUNT alone if
+    /proc/mounts does not say)."""
+    mount = Path(os.path.abspath(folder))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:  # the last entry for a mount point is the one in effect
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == str(mount):
+                    device = fields[0]
+    except OSError:
+        pass
+    return f"{device} (mounted at {mount})" if device else str(mount)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

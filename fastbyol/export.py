@@ -92,7 +92,17 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def encoder_state(source: str | Path) -> EncoderState:
-    """The online encoder's weights from a run directory, a checkpoint file or an encoder.pt."""
+    """The online encoder's weights from a run directory, a checkpoint file or an encoder.pt; weights
+    that are not finite (a diverged run) are refused in one line."""
+    found = _encoder_state(source)
+    bad = [k for k, v in found.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{found.source}: the weights are not finite ({len(bad)} tensor(s), e.g. {bad[0]}): the run "
+                         "diverged before this was written; use an earlier checkpoint")
+    return found
+
+
+def _encoder_state(source: str | Path) -> EncoderState:
     source = Path(source)
     if source.is_dir():
         newest = checkpoint.load_latest(source)  # passes over a damaged newest checkpoint, with a warning

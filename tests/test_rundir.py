@@ -59,8 +59,10 @@ def tiny(tmp_path, demo, one_thread) -> Path:
 
 
 def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under `run` with its bytes and modification time."""
-    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file under `run` with its bytes and modification time, but the lock file, which each
+    start takes and signs with its PID (rundir.lock_run_dir)."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != rundir.LOCK_NAME}
 
 
 def steps_logged(run: Path) -> list[int]:
