@@ -32,6 +32,13 @@ def dali_module():
     return dali
 
 
+def augment_ops():
+    pytest.importorskip("nvidia.dali")
+    import pipelines.dali_augment as ops
+
+    return ops
+
+
 # ---- fixtures --------------------------------------------------------------------------------
 
 def gradient() -> np.ndarray:
@@ -305,7 +312,7 @@ def hsv_reference(x: np.ndarray, sat: float, hue: float) -> np.ndarray:
 
 
 def test_saturation_and_hue_are_exact_hsv():
-    dali = dali_module()
+    ops = augment_ops()
     rng = np.random.default_rng(1)
     x = rng.random((4, 6, 6, 3), dtype=np.float32)
     x[0, 0, 0] = (0.3, 0.3, 0.3)  # gray pixel
@@ -314,19 +321,19 @@ def test_saturation_and_hue_are_exact_hsv():
     x[1, 0, 1] = (0.9, 0.2, 0.9)
     factors = np.array([0.8, 1.2, 3.0, 1.0], np.float32)
     deltas = np.array([0.1, -0.1, 0.45, -0.37], np.float32)
-    sat, hue = run_op(lambda a, f, d: (dali._saturation(a, f), dali._hue(a, d)), x, factors, deltas)
+    sat, hue = run_op(lambda a, f, d: (ops.saturation(a, f), ops.hue(a, d)), x, factors, deltas)
     for i in range(4):
         np.testing.assert_allclose(sat[i], hsv_reference(x[i], factors[i], 0.0), atol=2e-6)
         np.testing.assert_allclose(hue[i], hsv_reference(x[i], 1.0, deltas[i]), atol=2e-6)
 
 
 def test_brightness_contrast_gray_solarize_match_their_formulas():
-    dali = dali_module()
+    ops = augment_ops()
     x = np.random.default_rng(2).random((3, 5, 7, 3), dtype=np.float32)
     f = np.array([0.6, 1.4, 1.0], np.float32)
     d = np.array([-0.4, 0.25, 0.0], np.float32)
-    b, c, g, s = run_op(lambda a, f, d: (dali._brightness(a, d), dali._contrast(a, f),
-                                         dali._grayscale(a), dali._solarize(a, 0.4)), x, f, d)
+    b, c, g, s = run_op(lambda a, f, d: (ops.brightness(a, d), ops.contrast(a, f),
+                                         ops.grayscale(a), ops.solarize(a, 0.4)), x, f, d)
     mean = x.mean(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(b, np.clip(x + d[:, None, None, None], 0, 1), atol=1e-6)
     np.testing.assert_allclose(
@@ -337,10 +344,10 @@ def test_brightness_contrast_gray_solarize_match_their_formulas():
 
 
 def test_blur_is_a_zero_padded_separable_gaussian():
-    dali = dali_module()
+    ops = augment_ops()
     x = np.random.default_rng(3).random((2, 12, 10, 3), dtype=np.float32)
     sigma = np.array([0.7, 2.0], np.float32)
-    (out,) = run_op(lambda a, s: (dali._blur(a, s, 9),), x, sigma)
+    (out,) = run_op(lambda a, s: (ops.blur(a, s, 9),), x, sigma)
     t = torch.arange(-4, 5, dtype=torch.float64)
     for i in range(2):
         w = torch.exp(-t**2 / (2 * float(sigma[i]) ** 2))
@@ -531,7 +538,7 @@ def test_a_dali_run_resumed_after_an_interruption_is_bit_identical(tmp_path, jpe
 
 
 def test_draws_in_worker_processes_give_the_same_views(jpeg_folder):
-    # on GPUs EpochSource runs in DALI's spawned workers (parallel external source)
+    # on GPUs RunSource runs in DALI's spawned workers (parallel external source)
     dali = dali_module()
     augment = AugmentConfig()
     augment.set_crop_size(16)
@@ -544,3 +551,99 @@ def test_draws_in_worker_processes_give_the_same_views(jpeg_folder):
     for a, b in zip(serial, workers):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+# ---- one pipeline per run (issue 18) ----------------------------------------------------------
+
+def test_one_pipeline_serves_consecutive_epochs_as_fresh_pipelines_would(jpeg_folder, monkeypatch):
+    """Epochs taken one after the other (a resumed start, then whole epochs) come from one
+    pipeline, DALI's epoch_idx standing for the epoch: the same tensors as a loader built for
+    each epoch alone. An epoch left early, or asked out of turn, gets a new pipeline."""
+    dali = dali_module()
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=1)
+    builds = []
+    real = dali.DALILoader.pipeline
+    monkeypatch.setattr(dali.DALILoader, "pipeline", lambda self, *a: builds.append(a) or real(self, *a))
+    run = dali.DALILoader(data, augment, "cpu", seed=4)
+    got = [list(run.epoch(2, start_step=1)), list(run.epoch(3)), list(run.epoch(4))]
+    assert builds == [(2, 1)]
+    want = [list(dali.DALILoader(data, augment, "cpu", seed=4).epoch(e, s)) for e, s in ((2, 1), (3, 0), (4, 0))]
+    for got_epoch, want_epoch in zip(got, want):
+        assert len(got_epoch) == len(want_epoch) > 0
+        for a, b in zip(got_epoch, want_epoch):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+    builds.clear()
+    first = next(iter(run.epoch(5)))  # the next epoch, from the same pipeline, left after one step
+    again = list(run.epoch(5))  # the pipeline is mid-epoch: a new one
+    assert builds == [(5, 0)]
+    fresh = list(dali.DALILoader(data, augment, "cpu", seed=4).epoch(5))
+    for a, b in zip([first, *again], [fresh[0], *fresh]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_the_source_hands_dali_one_array_per_draw_per_batch(jpeg_folder):
+    """RunSource's outputs for a step: a list of the batch's encoded files, then one array per
+    label and per draw with the batch as its leading dimension, rows equal to the per-image
+    definition: the crop box of pipelines.crops.sample_crop and 11 uniforms of the same stream
+    numpy_rng(seed, epoch, image, view) mapped to the coins and factors."""
+    dali = dali_module()
+    from nvidia.dali.types import BatchInfo
+
+    from pipelines.crops import sample_crop
+    from pipelines.seeding import numpy_rng
+
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=1)
+    ld = dali.DALILoader(data, augment, "cpu", seed=6)
+    source = dali.RunSource(ld, first_epoch=3, first_step=1)
+    out = source(BatchInfo(1, 1))  # DALI's second epoch, its second step: epoch 4, step 1
+    indices = ld.plan.batch_indices(4)[1]
+    assert len(out) == source.num_outputs and len(out[0]) == 8
+    assert all(isinstance(a, np.ndarray) and a.shape[0] == 8 for a in out[1:])
+    assert out[1].ravel().tolist() == [ld.labels[i] for i in indices]
+    col = 2
+    for view, policy in ((1, augment.view1), (2, augment.view2)):
+        drawn = dict(zip(source.names[view - 1], out[col:col + len(source.names[view - 1])]))
+        col += len(source.names[view - 1])
+        for row, i in enumerate(indices):
+            rng = numpy_rng(6, 4, int(i), view)
+            top, left, h, w = sample_crop(rng, ld.images.heights[i], ld.images.widths[i], policy.crop_scale,
+                                          policy.crop_ratio)
+            u = rng.random(11)
+            want = {"anchor": [top, left], "shape": [h, w], "flip": u[0] < policy.flip_p,
+                    "jitter": u[1] < policy.jitter_p, "brightness": policy.brightness * (2 * u[2] - 1),
+                    "contrast": 1 + policy.contrast * (2 * u[3] - 1),
+                    "saturation": 1 + policy.saturation * (2 * u[4] - 1), "hue": policy.hue * (2 * u[5] - 1),
+                    "perm": min(int(u[6] * 24), 23), "gray": u[7] < policy.grayscale_p,
+                    "blur": u[8] < policy.blur_p,
+                    "sigma": policy.blur_sigma[0] + (policy.blur_sigma[1] - policy.blur_sigma[0]) * u[9],
+                    "solarize": u[10] < policy.solarize_p}
+            for name, value in drawn.items():
+                np.testing.assert_allclose(value[row], want[name], rtol=1e-6, err_msg=name)
+    with pytest.raises(StopIteration):
+        source(BatchInfo(len(ld), 1))
+
+
+def test_worker_processes_serve_consecutive_epochs_from_one_pipeline(jpeg_folder, monkeypatch):
+    # DALI's spawned workers get the source once per run and the epoch from batch_info
+    dali = dali_module()
+    augment = AugmentConfig()
+    augment.set_crop_size(16)
+    data = DataConfig(backend="dali", path=jpeg_folder, batch_size=8, num_workers=2)
+    serial, parallel = dali.DALILoader(data, augment, "cpu", seed=2), dali.DALILoader(data, augment, "cpu", seed=2)
+    parallel.parallel_source = True
+    builds = []
+    real = dali.DALILoader.pipeline
+    monkeypatch.setattr(dali.DALILoader, "pipeline", lambda self, *a: builds.append(a) or real(self, *a))
+    for epoch, start in ((1, 1), (2, 0), (3, 0)):
+        a, b = list(serial.epoch(epoch, start)), list(parallel.epoch(epoch, start))
+        assert len(a) == len(b) == 3 - start
+        for x, y in zip(a, b):
+            for s, t in zip(x, y):
+                assert torch.equal(s, t)
+    assert builds == [(1, 1), (1, 1)]  # one per loader
