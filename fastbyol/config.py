@@ -109,6 +109,7 @@ class LoggingConfig:
 @dataclass
 class DistConfig:
     sync_bn: bool = True  # BatchNorm statistics over the global batch: torch SyncBatchNorm on GPUs, CPUSyncBatchNorm (gloo) on CPUs
+    sync_bn_group_size: int = at_least(0, 0, ">= 0 (0 = all ranks)")  # with sync_bn: BatchNorm statistics over groups of this many consecutive ranks (e.g. 8 = one node); 0 = all ranks (the paper); see docs/scaling.md
     bucket_cap_mb: int = at_least(25, 1)  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph (the same parameters are used every step)
     gradient_as_bucket_view: bool = False  # DDP grads are views into the all-reduce buckets (no copy, less memory)
@@ -173,6 +174,10 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        group = self.dist.sync_bn_group_size
+        if world_size > 1 and group and world_size % group:
+            raise ConfigError(f"dist.sync_bn_group_size = {group}: does not divide the number of ranks ({world_size}) "
+                              "into equal groups")
         if self.data.batch_size % world_size:
             raise ConfigError(
                 f"data.batch_size = {self.data.batch_size}: not divisible by the number of ranks ({world_size})"

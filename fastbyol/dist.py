@@ -236,12 +236,40 @@ def _where(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, into a new tensor (a copy in a single process)."""
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of `group` (None: all ranks), into a new tensor (a copy in a single process)."""
     t = t.clone()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def group_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in `group` (None: the world); 1 without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def rank_groups(size: int) -> dist.ProcessGroup | None:
+    """This rank's group among consecutive groups of `size` ranks: [0, size), [size, 2 size), ...
+
+    None (every rank, the default group) when `size` is 0 or the world size, or without a process
+    group. torch.distributed.new_group is itself a collective: every rank creates every group, in the
+    same order, so every rank must call this with the same `size`. Consecutive ranks share a node
+    under torchrun and srun, so a group of 8 on 8-GPU nodes keeps its collectives on NVLink.
+    """
+    rank, world = rank_and_world()
+    if size in (0, world) or world == 1:
+        return None
+    if size < 0 or world % size:
+        raise ValueError(f"a group of {size} ranks does not divide the {world} ranks evenly")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -303,4 +331,4 @@ def barrier() -> None:
 
 
 __all__ = ["DistInfo", "RankLost", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "any_rank", "barrier",
-           "broadcast_object", "first_host", "gather_floats", "gather_rows", "init", "is_collective_failure", "launcher_env", "lost_ranks", "name_lost_ranks", "rank_and_world", "resolve_device", "shutdown"]
+           "broadcast_object", "first_host", "gather_floats", "gather_rows", "group_size", "init", "is_collective_failure", "launcher_env", "lost_ranks", "name_lost_ranks", "rank_and_world", "rank_groups", "resolve_device", "shutdown"]

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from rich.console import Console
@@ -47,8 +47,8 @@ class MetricWindow:
 
     def __init__(self, device: torch.device, images_per_step: int, world_size: int = 1,
                  flops_per_image: float | None = None, peak_flops: float | None = None,
-                 first_step: int = 0) -> None:
-        self.device = device
+                 first_step: int = 0, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.device, self.clock = device, clock  # clock: seconds, monotonic (tests pass one they move)
         self.sums = torch.zeros(3, device=device)  # loss, cosine, collapse std
         self.first_nonfinite = torch.full((), math.inf, device=device)  # window index of the first non-finite loss
         self.nonfinite_step: int | None = None  # set by flush: the first step of its window whose loss was not finite
@@ -57,21 +57,21 @@ class MetricWindow:
         self.images_per_step, self.world_size = images_per_step, world_size
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.speed = Throughput()
-        self.speed.update(first_step * images_per_step)
+        self.speed.update(first_step * images_per_step, now=self.clock())
         self.wait_s = 0.0
-        self.start = time.perf_counter()
+        self.start = self.clock()
         self.total = {"images": 0, "wall_s": 0.0, "wait_s": 0.0}  # over every flushed window
 
     def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
         """`batches`, timing how long each one took to arrive."""
         it = iter(batches)
         while True:
-            t = time.perf_counter()
+            t = self.clock()
             try:
                 batch = next(it)
             except StopIteration:
                 return
-            self.wait_s += time.perf_counter() - t
+            self.wait_s += self.clock() - t
             yield batch
 
     def add(self, loss: torch.Tensor, cosine: torch.Tensor, collapse_std: torch.Tensor) -> None:
@@ -88,14 +88,14 @@ class MetricWindow:
         precision), on CUDA peak_memory_gib (the most allocated since the start), and with
         `skipped_steps` (fp16: the grad scaler's count since the start) skipped_steps of the window.
         A loss that is not finite sets `nonfinite_step` (the window's first such step, over ranks)."""
-        wall = time.perf_counter() - self.start
+        wall = self.clock() - self.start
         timing = torch.tensor([self.wait_s, wall], device=self.device)
         means = dist.all_reduce_mean(torch.cat([self.sums / self.steps, timing.to(self.sums.dtype)]))
         loss, cos, std, wait, wall = means.tolist()
         images = self.steps * self.images_per_step
         record: dict[str, Any] = {
             "loss": loss, "cosine": cos, "collapse_std": std,
-            "images_per_sec": self.speed.update(step * self.images_per_step),
+            "images_per_sec": self.speed.update(step * self.images_per_step, now=self.clock()),
             "loader_wait_share": min(1.0, wait / wall) if wall > 0 else 0.0,
             "step_time_s": wall / self.steps,
             "mfu": None if self.flops_per_image is None or wall <= 0 else
@@ -116,14 +116,14 @@ class MetricWindow:
         self.total["wait_s"] += wait
         self.sums.zero_()
         self.steps = 0
-        self.wait_s, self.start = 0.0, time.perf_counter()
+        self.wait_s, self.start = 0.0, self.clock()
         return record
 
     def pause(self, step: int) -> None:
         """Leave out the time since the last flush (e.g. an evaluation) from every figure."""
         self.speed.reset()
-        self.speed.update(step * self.images_per_step)
-        self.wait_s, self.start = 0.0, time.perf_counter()
+        self.speed.update(step * self.images_per_step, now=self.clock())
+        self.wait_s, self.start = 0.0, self.clock()
 
 
 def time_figures(record: dict[str, Any]) -> str:

@@ -72,8 +72,8 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     grad scaler (fp16) and autocast of the config. Parameters initialised from train.seed."""
     torch.manual_seed(cfg.train.seed)
     byol = build_model(cfg)
-    if info.enabled and cfg.dist.sync_bn:
-        byol = convert_sync_batchnorm(byol, device)  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
+    if info.enabled and cfg.dist.sync_bn and cfg.dist.sync_bn_group_size != 1:  # torch's SyncBatchNorm on CUDA, gloo all-reduce on CPU
+        byol = convert_sync_batchnorm(byol, device, dist.rank_groups(cfg.dist.sync_bn_group_size))
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -70,28 +69,47 @@ def test_peaks_of_known_gpus_and_unknown_elsewhere(monkeypatch):
     assert mfu(1e9, 100.0, 1e12) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None
 
 
-def _run_window(load_s: float, step_s: float, steps: int = 4) -> dict:
-    def slow_loader():
-        for _ in range(steps):
-            time.sleep(load_s)
-            yield 0
+class MovedClock:
+    """A clock that moves only when the test moves it: the window's split of time is then exact."""
 
-    window = MetricWindow(torch.device("cpu"), images_per_step=8, flops_per_image=1e9, peak_flops=None)
-    one = torch.ones(())
-    for _ in window.batches(slow_loader()):
-        time.sleep(step_s)
-        window.add(one, one, one)
-    return window.flush(steps)
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_the_window_splits_wall_time_into_loader_wait_and_the_rest():
-    loader_bound = _run_window(load_s=0.05, step_s=0.0)
-    model_bound = _run_window(load_s=0.0, step_s=0.05)
-    for r in (loader_bound, model_bound):
-        assert 0.0 <= r["loader_wait_share"] <= 1.0 and r["mfu"] is None and r["loss"] == 1.0
-    assert loader_bound["loader_wait_share"] > 0.5 > model_bound["loader_wait_share"]
-    assert model_bound["step_time_s"] >= 0.05  # a lower bound: sleeping never takes less
-    assert "MFU unknown" in time_figures(model_bound) and "wait" in time_figures(model_bound)
+    clock = MovedClock()
+    window = MetricWindow(torch.device("cpu"), images_per_step=8, flops_per_image=1e9, peak_flops=2e11,
+                          first_step=10, clock=clock)
+    loads, steps = [0.25, 0.0, 1.5, 0.125], [0.5, 0.75, 0.25, 1.0]  # seconds, exact in binary
+
+    def loader():
+        for load in loads:
+            clock.now += load  # the time the loop waits for this batch
+            yield load
+
+    for i, _ in enumerate(window.batches(loader())):
+        clock.now += steps[i]  # the step, logging, checkpoints: everything but the wait
+        window.add(torch.tensor(1.0 + i), torch.tensor(0.5), torch.tensor(2.0 * i))
+    r = window.flush(14)
+    wait, wall = sum(loads), sum(loads) + sum(steps)
+    assert r["loader_wait_share"] == pytest.approx(wait / wall, rel=1e-12)
+    assert r["step_time_s"] == pytest.approx(wall / 4, rel=1e-12)
+    assert r["images_per_sec"] == pytest.approx(4 * 8 / wall, rel=1e-12)  # 32 images since the window began
+    assert r["mfu"] == pytest.approx(1e9 * 32 / wall / 2e11, rel=1e-12)
+    assert (r["loss"], r["cosine"], r["collapse_std"]) == (2.5, 0.5, 3.0)  # means over the 4 steps
+    assert window.total == {"images": 32, "wall_s": wall, "wait_s": wait}
+    assert time_figures(r) == "wait 43%  step 1.09 s  MFU 3.7%"  # 1.875 / 4.375 s; 4.375 / 4; 32e9 / 4.375 / 2e11
+    # an evaluation after the flush (window.pause) is left out of the next window
+    clock.now += 60.0
+    window.pause(14)
+    clock.now += 0.5
+    window.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0))
+    later = window.flush(15)
+    assert later["step_time_s"] == pytest.approx(0.5) and later["images_per_sec"] == pytest.approx(8 / 0.5)
+    assert later["loader_wait_share"] == 0.0
 
 
 def test_summary_prints_the_figures_and_the_verdict():
