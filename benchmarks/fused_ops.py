@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -31,6 +30,7 @@ from fastbyol.byol import BYOL, param_groups
 from fastbyol.ema import TargetEMA
 from fastbyol.models.resnet import resnet
 from fastbyol.optim import LARS
+from fastbyol.timing import interleaved
 
 
 # ---------------------------------------------------------------- the flat-buffer EMA variant
@@ -108,21 +108,9 @@ def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds per call of each fn, timed one call per fn per round."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def _median_ms(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds per call of each fn, one call per fn per round (fastbyol.timing.interleaved)."""
+    return {name: 1e3 * statistics.median(s) for name, s in interleaved(fns, 1, device, warmup, repeats).items()}
 
 
 def per_param_ema(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
@@ -155,8 +143,8 @@ def measure(device: torch.device, repeats: int, warmup: int, depth: int = 50, wi
         "foreach": lambda: ema_foreach.update(0.996),
         "flat": lambda: ema_flat.update(0.996),
     }
-    return {"lars_ms": time_interleaved({k: o.step for k, o in lars.items()}, repeats, warmup, device),
-            "ema_ms": time_interleaved(ema, repeats, warmup, device),
+    return {"lars_ms": _median_ms({k: o.step for k, o in lars.items()}, repeats, warmup, device),
+            "ema_ms": _median_ms(ema, repeats, warmup, device),
             "lars_tensors": len(online), "lars_params": sum(p.numel() for p in online),
             "ema_tensors": len(ema_foreach.online),
             "ema_params": sum(p.numel() for p in byol.online_network().parameters())}

@@ -23,7 +23,7 @@ machinery each library provides, used as its documentation shows:
 Timing: warm-up steps first (never timed; the first one also records each contender's loss), then
 `rounds` rounds of `steps` steps per contender, alternated in one process (fastbyol, lightly,
 byol-pytorch, fastbyol, ...) so drifts of clock or temperature hit all alike. A window is timed by
-CUDA events after a device synchronisation on GPU, by perf_counter on CPU. images/sec counts
+fastbyol.timing.time_window (the device synchronised before and after). images/sec counts
 source images (each yields two views); the table gives the median over rounds.
 
 A peer that is not installed (or cannot be imported) is reported as such and skipped. The peers
@@ -36,15 +36,10 @@ import argparse
 import contextlib
 import copy
 import importlib
-import importlib.metadata
 import importlib.util
 import itertools
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,11 +47,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fastbyol.atomic import atomic_write_json
 from fastbyol.byol import MLP
 from fastbyol.config import load_config
 from fastbyol.dist import DistInfo
+from fastbyol.machine import machine_info
 from fastbyol.optim import RunPlan
 from fastbyol.step import build_components, train_step
+from fastbyol.timing import time_window
 from pipelines.synthetic import random_batch
 
 CONTENDERS = ("fastbyol", "lightly", "byol-pytorch")
@@ -64,7 +62,6 @@ CONTENDERS = ("fastbyol", "lightly", "byol-pytorch")
 OPTIONAL = ("fastbyol-concat",)
 PACKAGES = ("fastbyol", "lightly", "byol-pytorch", "torchvision", "accelerate", "einops", "torch")
 JSON_KEYS = ("machine", "settings", "contenders")
-MACHINE_KEYS = ("gpu", "gpu_memory_bytes", "torch", "cuda", "cudnn", "python", "platform", "cpu_count", "packages")
 CONTENDER_KEYS = ("name", "status", "reason", "images_per_sec", "step_ms", "ratio_to_fastbyol", "samples_images_per_sec",
                   "first_loss", "trainable_params", "peak_memory_bytes", "notes")
 
@@ -415,23 +412,6 @@ def build_contenders(settings: Settings) -> Built:
     return Built(contenders, unavailable, shared)
 
 
-def time_window(step: Callable[[], torch.Tensor], steps: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of `step`: CUDA events on GPU (after a sync), perf_counter on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the previous contender's queued work is not ours to time
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - begin
-
-
 def run(settings: Settings, built: Built | None = None) -> dict[str, Any]:
     """Warm up and time every contender (built from `settings` unless `built` is given, e.g. to
     inspect the models afterwards); the result as a JSON-ready dict (see JSON_KEYS)."""
@@ -468,25 +448,8 @@ def run(settings: Settings, built: Built | None = None) -> dict[str, Any]:
     recorded = {**asdict(settings), "device": device.type, "precision": precision,
                 "backbone": f"fastbyol.models.resnet ResNet-{settings.depth} ({settings.stem} stem), "
                             f"one initialisation copied to every contender"}
-    return {"machine": machine_info(device), "settings": recorded,
+    return {"machine": machine_info(device, PACKAGES), "settings": recorded,
             "contenders": [rows[n] for n in settings.contenders if n in rows]}
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """GPU, torch / CUDA / cuDNN and the contenders' package versions (None when absent)."""
-    cuda = device.type == "cuda"
-    packages = {}
-    for name in PACKAGES:
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    return {"gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "packages": packages}
 
 
 # ---------------------------------------------------------------- output
@@ -567,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(settings)
     print_table(result)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        atomic_write_json(result, json_path)
     return 0
 
 

@@ -14,7 +14,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastbyol.checkpoint import NO_SPACE, NoSpaceLeft, file_system
+    from fastbyol.atomic import NO_SPACE, NoSpaceLeft, file_system
     from fastbyol.config import load_config
     from fastbyol.dist import RankLost, launcher_env
     from fastbyol.train import Diverged, Interrupted, summary_lines, train

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+
+from fastbyol.atomic import atomic_write_json
 
 
 def default_result_path(source: str | os.PathLike, name: str) -> Path:
@@ -17,19 +17,8 @@ def default_result_path(source: str | os.PathLike, name: str) -> Path:
 
 
 def write_result(result: dict, path: str | os.PathLike) -> Path:
-    """Write `result` as indented JSON, atomically (a temporary file renamed over `path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `result` as indented JSON, atomically and durably (fastbyol.atomic)."""
+    return atomic_write_json(result, path)
 
 
 __all__ = ["default_result_path", "write_result"]

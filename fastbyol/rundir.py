@@ -26,7 +26,7 @@ from typing import IO
 
 import torch
 
-from fastbyol import checkpoint, dist
+from fastbyol import atomic, checkpoint, dist
 from fastbyol.config import Config, ConfigError, dump_yaml, load_yaml, to_dict
 from fastbyol.export import online_encoder_state
 
@@ -216,7 +216,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
         except (ValueError, KeyError, TypeError):
             pass
     if len(kept) != len(lines):
-        checkpoint.atomic_write_text("".join(f"{line}\n" for line in kept), path)
+        atomic.atomic_write_text("".join(f"{line}\n" for line in kept), path)
     return len(lines) - len(kept)
 
 
@@ -225,14 +225,14 @@ def begin(cfg: Config, run_dir: Path, fresh: bool, step: int) -> list[str]:
     Returns messages for the user."""
     messages = []
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = checkpoint.remove_stale_temp(run_dir)
+    stale = atomic.remove_stale_temp(run_dir)
     if stale:
         messages.append(f"removed {len(stale)} temporary file(s) a killed write left in {run_dir}")
     if fresh:
         moved = move_aside(run_dir)
         if moved is not None:
             messages.append(f"fresh start: the earlier run's files were moved to {moved}")
-    checkpoint.atomic_write_text(dump_yaml(cfg), run_dir / "config.yaml")
+    atomic.atomic_write_text(dump_yaml(cfg), run_dir / "config.yaml")
     dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
     if dropped:
         messages.append(f"metrics.jsonl: dropped {dropped} line(s) after step {step}, the step resumed from")
@@ -243,7 +243,7 @@ def finish_complete(run_dir: Path, state: dict) -> list[str]:
     """A complete run is left as it is, except for what a kill at its very end left undone: stray
     temporary files, and encoder.pt (written after the last checkpoint). Returns what was done."""
     notes = []
-    if checkpoint.remove_stale_temp(run_dir):
+    if atomic.remove_stale_temp(run_dir):
         notes.append(f"removed the temporary files a killed write left in {run_dir}")
     if not (run_dir / "encoder.pt").exists():
         checkpoint.atomic_save(online_encoder_state(state["model"]), run_dir / "encoder.pt")

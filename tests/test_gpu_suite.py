@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
 
-from fastbyol.profile import VERDICTS  # noqa: E402
+from fastbyol.verdict import VERDICTS  # noqa: E402
 
 RECORD_KEYS = {"run", "stage", "status", "seconds", "budget_s", "result", "error"}
 

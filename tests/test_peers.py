@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
 from fastbyol.config import load_config  # noqa: E402
+from fastbyol.machine import MACHINE_KEYS  # noqa: E402
 from fastbyol.step import build_model  # noqa: E402
 from pipelines.synthetic import random_batch  # noqa: E402
 
@@ -110,7 +111,7 @@ def reference() -> dict:
 
 def test_result_has_every_key(result, installed):
     assert set(peers.JSON_KEYS) <= result.keys()
-    assert set(peers.MACHINE_KEYS) <= result["machine"].keys()
+    assert set(MACHINE_KEYS) <= result["machine"].keys()
     assert result["machine"]["gpu"] == "cpu" and result["machine"]["torch"] == torch.__version__
     assert result["settings"]["device"] == "cpu" and result["settings"]["batch"] == 4
     assert "fastbyol.models.resnet ResNet-18" in result["settings"]["backbone"]

@@ -18,7 +18,8 @@ import torch
 
 from fastbyol import cli
 from fastbyol.config import load_config
-from fastbyol.profile import knobs, parse_sweep, profile
+from fastbyol.profile import parse_sweep, profile
+from fastbyol.profile_report import knobs
 from fastbyol.verdict import verdict
 from pipelines.demo import make_demo_dataset
 
@@ -28,7 +29,8 @@ BATCH = 8
 
 # The documented --json keys (module docstring of fastbyol/profile.py), written out independently.
 TOP_KEYS = {"machine", "config", "world_size", "device", "steps", "warmup", "loader_delay_s", "sweep_key", "runs"}
-MACHINE_KEYS = {"gpu", "gpu_memory_bytes", "cpu_count", "torch", "cuda", "dali", "ffcv", "python", "platform"}
+MACHINE_KEYS = {"gpu", "gpu_memory_bytes", "cpu_count", "torch", "cuda", "cudnn", "dali", "ffcv", "python", "platform",
+                "packages"}
 RUN_KEYS = {"sweep_value", "batch_per_rank", "crop_size", "config", "loader", "model", "end_to_end",
             "end_to_end_over_model", "loader_over_model", "peak_memory_bytes", "optimizer_ema_share",
             "verdict", "evidence", "knobs", "trace"}

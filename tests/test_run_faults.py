@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from fastbyol import checkpoint
+from fastbyol import atomic, checkpoint
 from fastbyol.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -227,7 +227,7 @@ def test_an_enospc_injected_at_the_write_is_named_and_the_old_file_stays(tmp_pat
     import errno
 
     checkpoint.save_checkpoint({"step": 1, "w": torch.ones(1000)}, tmp_path, step=1, keep=3)
-    real_fdopen = checkpoint.os.fdopen
+    real_fdopen = atomic.os.fdopen
 
     class FillsUp:
         def __init__(self, f):
@@ -248,8 +248,8 @@ def test_an_enospc_injected_at_the_write_is_named_and_the_old_file_stays(tmp_pat
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda *a, **k: FillsUp(real_fdopen(*a, **k)))
-    with pytest.raises(checkpoint.NoSpaceLeft) as caught:
+    monkeypatch.setattr(atomic.os, "fdopen", lambda *a, **k: FillsUp(real_fdopen(*a, **k)))
+    with pytest.raises(atomic.NoSpaceLeft) as caught:
         checkpoint.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, tmp_path, step=2, keep=3)
     monkeypatch.undo()
     assert str(caught.value).startswith("no space left on ") and str(tmp_path / "checkpoint_000000002.pt") in str(caught.value)

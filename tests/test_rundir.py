@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when the SIGKILL test runs this file as a script
     sys.path.insert(0, str(ROOT))
 
-from fastbyol import checkpoint, rundir  # noqa: E402
+from fastbyol import atomic, checkpoint, rundir  # noqa: E402
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.config import ConfigError, load_config  # noqa: E402
 from fastbyol.train import Interrupted, train  # noqa: E402
@@ -193,7 +193,7 @@ def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
     stale = [tmp_path / ".checkpoint_000000004.pt.k2j3_x.tmp", tmp_path / ".encoder.pt.abc123.tmp"]
     for p in keep + stale:
         p.write_bytes(b"x")
-    assert sorted(checkpoint.remove_stale_temp(tmp_path)) == sorted(stale)
+    assert sorted(atomic.remove_stale_temp(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(keep)
 
 
@@ -211,7 +211,7 @@ def _worker(argv: list[str]) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if what == "write":
-        real_write = checkpoint.atomic_write
+        real_write = atomic.atomic_write
 
         def atomic_write(path, write):
             if Path(path).name != arg:
@@ -224,7 +224,7 @@ def _worker(argv: list[str]) -> int:
 
             real_write(path, half_then_die)
 
-        checkpoint.atomic_write = atomic_write
+        atomic.atomic_write = atomic_write
     elif what == "rename":
         real_replace = os.replace
 
@@ -253,7 +253,7 @@ def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tiny):
                               timeout=300)
         assert proc.returncode == (0 if kill == "none" else -signal.SIGKILL), (kill, proc.stderr[-3000:])
         if kill.startswith("rename"):  # the full temporary file is there until the next start
-            assert any(checkpoint.TEMP_RE.match(p.name) for p in run.iterdir())
+            assert any(atomic.TEMP_RE.match(p.name) for p in run.iterdir())
         if kill == "write:encoder.pt":  # killed writing encoder.pt: none, never a 0-byte one
             assert not (run / "encoder.pt").exists()
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no stale temporary file
