@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -93,19 +94,33 @@ def _eval(args: argparse.Namespace) -> int:
     from fastbyol.dist import resolve_device
     from fastbyol.export import load_encoder
     from fastbyol.finetune import finetune
-    from fastbyol.knn import knn_eval
+    from fastbyol.knn import RawPixels, knn_eval
     from fastbyol.linear import linear_eval
-    from fastbyol.results import default_result_path, write_result
+    from fastbyol.results import default_result_path
     from pipelines.labelled import EvalData, label_subset
 
-    loaded = load_encoder(args.source, args.depth, args.width, args.stem, random_init=args.random_init)
-    train, val = args.train or loaded.train_path, args.val or loaded.val_path
+    raw_pixels = getattr(args, "raw_pixels", False)
+    if args.source is None and not raw_pixels:
+        raise ConfigError(f"eval {args.protocol}: give the encoder to evaluate (a run directory, checkpoint_*.pt "
+                          f"or encoder.pt)")
+    loaded = None if args.source is None else load_encoder(args.source, args.depth, args.width, args.stem,
+                                                           random_init=args.random_init)
+    train = args.train or (loaded.train_path if loaded else "")
+    val = args.val or (loaded.val_path if loaded else "")
     if not (train and val):
         raise ConfigError("eval: give the labeled folders with --train DIR --val DIR "
                           "(a run directory whose config sets eval.train_path and eval.val_path supplies them)")
-    data = EvalData.from_folders(train, val, args.image_size or loaded.image_size, mean=loaded.mean,
-                                 std=loaded.std, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 channels_last=args.channels_last)
+    image_size = args.image_size or (loaded.image_size if loaded else 0)
+    if not image_size:
+        raise ConfigError("eval knn --raw-pixels: give --image-size N (or a run directory, whose crop size is used)")
+    norm = {"mean": loaded.mean, "std": loaded.std} if loaded else {}
+    data = EvalData.from_folders(train, val, image_size, **norm, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, channels_last=args.channels_last)
+    if raw_pixels:  # the baseline without an encoder: the same views and vote on the pixels themselves
+        result = knn_eval(RawPixels(image_size), data, args.k, args.temperature)
+        result.update(source="raw pixels", train=str(train), val=str(val), encoder=None)
+        return _report(result, args.out or (default_result_path(args.source, "knn_raw_pixels") if args.source
+                                            else Path(f"eval_knn_raw_pixels_{image_size}px.json")))
     encoder = loaded.encoder.to(resolve_device(args.device))
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -125,7 +140,14 @@ def _eval(args: argparse.Namespace) -> int:
         name += "_random_init"
     result.update(source=loaded.source, train=str(train), val=str(val),
                   encoder={"depth": loaded.depth, "width": loaded.width, "stem": loaded.stem})
-    path = write_result(result, args.out or default_result_path(args.source, name))
+    return _report(result, args.out or default_result_path(args.source, name))
+
+
+def _report(result: dict, out: Path) -> int:
+    """Write an evaluation's result JSON to `out`, print its one-line summary and the path."""
+    from fastbyol.results import write_result
+
+    path = write_result(result, out)
     variant = f" ({result['variant']})" if "variant" in result else ""
     err.print(f"{result['protocol']}{variant}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['num_val']} val images, {result['num_classes']} classes, {result['time_s']:.0f} s)")
@@ -134,8 +156,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
     from fastbyol.config import EvalConfig
     from fastbyol.models.resnet import STEMS
 
@@ -147,7 +167,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
              "finetune": "the paper's semi-supervised protocol: fine-tune encoder + linear head on 1%% / 10%% of labels"}
     for name, text in helps.items():
         q = protocols.add_parser(name, help=text, description=text)
-        q.add_argument("source", help="run directory, checkpoint_*.pt or encoder.pt")
+        q.add_argument("source", nargs="?" if name == "knn" else None,
+                       help="run directory, checkpoint_*.pt or encoder.pt" + (" (optional with --raw-pixels)"
+                                                                              if name == "knn" else ""))
         q.add_argument("--train", help="labeled ImageFolder to train on / the kNN bank (default: the run's eval.train_path)")
         q.add_argument("--val", help="labeled ImageFolder to test on (default: the run's eval.val_path)")
         q.add_argument("--image-size", type=int, default=0, help="test crop size (default: the run's, else 224)")
@@ -166,6 +188,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--k", type=int, default=defaults.k, help="neighbours per vote")
             q.add_argument("--temperature", type=float, default=defaults.temperature,
                            help="vote weight exp(cosine / temperature)")
+            q.add_argument("--raw-pixels", action="store_true",
+                           help="the baseline without an encoder: kNN on the test views' normalized pixels "
+                                "(a SOURCE run directory gives the folders, size and normalization)")
             continue
         q.add_argument("--epochs", type=int, default=80 if name == "linear" else 30)
         q.add_argument("--lr", type=float, help="peak lr, cosine-decayed to 0 (default: "

@@ -8,6 +8,7 @@ the classes are ranked by their summed votes. Top-1 / top-5 in percent.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from typing import Sequence
 
@@ -27,7 +28,24 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """The device of the module's first parameter or buffer (the CPU for one with neither)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class RawPixels(nn.Module):
+    """The "no encoder" baseline: the test view's normalized pixels, flattened to (B, 3*S*S).
+
+    kNN on these features is the raw-pixel kNN: the same views, vote and k as an encoder's, so a
+    trained encoder that does not beat it has learned nothing a pixel comparison lacks.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.num_features = 3 * image_size * image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
 
 
 @torch.no_grad()
@@ -155,4 +173,4 @@ def knn_eval(encoder: nn.Module, data: EvalData, k: int = 20, temperature: float
             "time_s": time.perf_counter() - start}
 
 
-__all__ = ["KNNMonitor", "autocast", "device_of", "extract_features", "knn_accuracy", "knn_counts", "knn_eval"]
+__all__ = ["KNNMonitor", "RawPixels", "autocast", "device_of", "extract_features", "knn_accuracy", "knn_counts", "knn_eval"]

@@ -144,6 +144,48 @@ def test_extract_features_order_normalization_mode_and_global_rng(color_folders)
     assert torch.allclose(feats[5], one[0], atol=1e-5)
 
 
+def test_raw_pixel_knn_is_the_vote_on_the_normalized_pixels(tmp_path):
+    """`fastbyol eval knn --raw-pixels` against the same vote computed from the image files with
+    numpy: PIL resize to the eval size, ImageNet normalization, flatten, l2-normalize, brute force."""
+    folders = []
+    for split, n in (("train", 12), ("val", 6)):  # a brighter quadrant per class, under heavy noise
+        for c in range(3):
+            (tmp_path / split / f"q{c}").mkdir(parents=True)
+            for i in range(n):
+                x = np.random.default_rng([len(split), c, i]).normal(110, 60, (20, 20, 3))
+                x[10 * (c % 2):10 * (c % 2) + 10, 10 * (c // 2):10 * (c // 2) + 10] += 12
+                Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(tmp_path / split / f"q{c}" / f"{i}.png")
+        folders.append(tmp_path / split)
+    out = tmp_path / "raw.json"
+    assert cli.main(["eval", "knn", "--raw-pixels", "--train", str(folders[0]), "--val", str(folders[1]),
+                     "--image-size", "12", "--k", "7", "--temperature", "0.1", "--num-workers", "0",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    def pixels(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, labels = [], []
+        for label, cls in enumerate(sorted(p.name for p in folder.iterdir())):
+            for f in sorted((folder / cls).iterdir()):
+                x = np.asarray(Image.open(f).convert("RGB").resize((12, 12), Image.Resampling.BICUBIC)) / 255.0
+                rows.append(((x - mean) / std).transpose(2, 0, 1).ravel())
+                labels.append(label)
+        return F.normalize(torch.tensor(np.array(rows)), dim=1), torch.tensor(labels)
+
+    expected = brute_force_knn(*pixels(folders[0]), *pixels(folders[1]), 7, 0.1, 3)
+    assert (result["top1"], result["top5"]) == pytest.approx(expected)
+    assert result["source"] == "raw pixels" and result["num_val"] == 18 and result["image_size"] == 12
+    assert 100 / 3 < result["top1"] < 100  # neither chance nor perfect: the comparison means something
+
+
+def test_raw_pixel_knn_needs_a_size_and_an_encoder_is_needed_without_it(color_folders, capsys):
+    folders = ["--train", str(color_folders[0]), "--val", str(color_folders[1])]
+    assert cli.main(["eval", "knn", "--raw-pixels", *folders]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert cli.main(["eval", "knn", *folders]) == 2
+    assert "give the encoder" in capsys.readouterr().err
+
+
 def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, color_folders):
     train_dir, _ = color_folders
     val = tmp_path / "val" / "red"

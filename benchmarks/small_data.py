@@ -1,0 +1,166 @@
+"""The small-data table in one command: BYOL recipes on real images, within a stated CPU budget.
+
+    python benchmarks/small_data.py                                  # the recipes: quickstart's, small
+    python benchmarks/small_data.py --rows ablation --out results/small_ablation   # one change at a time
+    python benchmarks/small_data.py --rows r0_quickstart,a3_no_blur_solarize        # chosen rows
+
+Data: Fashion-MNIST (real photographs of clothes, 28 px gray, 10 classes), from Debian's
+`dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`: no download at run time),
+1000 + 200 images per class written once by pipelines/idx.py to `--data` (default data/fashion_mnist).
+
+Each row runs the project's own commands, one at a time, with `--threads` intra-op threads:
+`fastbyol train CONFIG OVERRIDES` (its run ends with the kNN of the trained encoder next to the
+same encoder untrained) and `fastbyol eval knn RUN --raw-pixels` (the same views and vote on the
+pixels). Time is measured as CPU seconds (user + sys of the child processes), which the machine's
+load does not inflate, and as wall seconds with the load average before and after. Each row
+appends one JSON line to OUT/results.jsonl; OUT/results.md is the table of every row so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = "configs/small.yaml"
+QUICK = "configs/quickstart.yaml"
+# The quickstart's recipe moved to this data: only paths, evaluation and logging change.
+QUICK_HERE = ["data.demo=false", "augment.view1.crop_size=32", "augment.view2.crop_size=32", "data.num_workers=0",
+              "train.epochs=2", "eval.knn_every=2", "eval.num_workers=0", "train.checkpoint_every=100000",
+              "logging.log_every=50"]
+
+# The minimal BYOL's views: no blur, solarize, hue, saturation or grayscale (crop, flip, brightness, contrast)
+MINIMAL_COLOUR = [f"augment.{v}.{key}={value}" for v in ("view1", "view2") for key, value in
+                  (("blur_p", 0), ("solarize_p", 0), ("hue", 0), ("saturation", 0), ("grayscale_p", 0))]
+
+# name -> (config, overrides, what changed). Ablation rows: one change each from r0 (the quickstart's
+# recipe at 32 px, 2 epochs of 10k images), towards a minimal BYOL.
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "r0_quickstart": (QUICK, QUICK_HERE, "the quickstart's recipe: ResNet-18 ImageNet stem, 32 px, batch 32, "
+                                         "lr 0.5, eta 1e-3, tau 0.99, crops 0.3-1, the paper's colour/blur/solarize"),
+    "small": (SMALL, [], "configs/small.yaml"),
+}
+ABLATIONS: dict[str, tuple[str, list[str], str]] = {
+    "a1_views_64px": (QUICK, QUICK_HERE + ["augment.view1.crop_size=64", "augment.view2.crop_size=64"],
+                      "views and eval at 64 px (the 28 px images upsampled): 16x16 after the ImageNet stem"),
+    "a2_cifar_stem": (QUICK, QUICK_HERE + ["model.stem=cifar"], "the CIFAR stem (3x3/1, no max-pool) at 32 px"),
+    "a2b_cifar_stem_16px": (QUICK, QUICK_HERE + ["model.stem=cifar", "augment.view1.crop_size=16",
+                                                 "augment.view2.crop_size=16"],
+                            "the CIFAR stem on 16 px views: 16x16 after the stem, as 64 px through the ImageNet stem"),
+    "a3_no_blur_solarize": (QUICK, QUICK_HERE + ["augment.view1.blur_p=0", "augment.view2.blur_p=0",
+                                                 "augment.view2.solarize_p=0"], "no blur, no solarize"),
+    "a4_brightness_contrast_only": (QUICK, QUICK_HERE + MINIMAL_COLOUR,
+                                    "views: crop + flip + brightness/contrast jitter only (the minimal BYOL's)"),
+}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_child(argv: list[str], threads: int, log: Path) -> dict:
+    """Run `argv` with `threads` intra-op threads, output to `log`; its CPU and wall seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    with open(log, "a") as out:
+        code = subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {code}; see {log}")
+    return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "wall_s": time.perf_counter() - start}
+
+
+def knn_of_run(run_dir: Path) -> dict:
+    """The run's last kNN (trained) and its end-of-run kNN of the untrained encoder, from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r for r in records if "knn_top1" in r][-1]
+    untrained = [r for r in records if "knn_random_init_top1" in r][-1]
+    return {"steps": trained["step"], "trained_top1": trained["knn_top1"],
+            "untrained_top1": untrained["knn_random_init_top1"]}
+
+
+def run_row(name: str, config: str, overrides: list[str], change: str, out: Path, data: dict, threads: int) -> dict:
+    """Train one recipe, then the raw-pixel kNN under the same protocol; one result record."""
+    run_dir = out / name
+    log = out / f"{name}.log"
+    log.write_text("")
+    load_before = load_average()
+    argv = [sys.executable, "-m", "fastbyol", "train", config, *overrides, f"data.path={data['train']}",
+            f"eval.train_path={data['train']}", f"eval.val_path={data['val']}", f"train.run_dir={run_dir}",
+            "logging.progress=plain", "logging.plot=false", "--no-resume"]
+    timing = run_child(argv, threads, log)
+    raw_json = out / f"{name}_raw_pixels.json"
+    run_child([sys.executable, "-m", "fastbyol", "eval", "knn", str(run_dir), "--raw-pixels", "--num-workers", "0",
+               "--out", str(raw_json)], threads, log)
+    record = {"row": name, "change": change, "config": config, "overrides": overrides, **knn_of_run(run_dir),
+              "raw_pixels_top1": json.loads(raw_json.read_text())["top1"], "train_cpu_s": round(timing["cpu_s"], 1),
+              "train_wall_s": round(timing["wall_s"], 1), "threads": threads, "load_before": load_before,
+              "load_after": load_average(), "cpu_count": os.cpu_count(), "machine": platform.processor() or
+              platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    record["gain_over_untrained"] = round(record["trained_top1"] - record["untrained_top1"], 2)
+    return record
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: the newest record of each row, in the order they were first run."""
+    newest = {r["row"]: r for r in records}
+    lines = ["| row | change | steps | raw pixels | untrained | trained | trained - untrained | CPU s (train, "
+             "kNN included) | wall s | load avg before / after |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in newest.values():
+        lines.append(f"| {r['row']} | {r['change']} | {r['steps']} | {r['raw_pixels_top1']:.2f} | "
+                     f"{r['untrained_top1']:.2f} | {r['trained_top1']:.2f} | {r['gain_over_untrained']:+.2f} | "
+                     f"{r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} | {r['load_before'][0]} / "
+                     f"{r['load_after'][0]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="recipes",
+                        help="recipes (r0_quickstart, small), ablation (every a* row), all, or names joined by commas")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "small_data")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion_mnist")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of each child (the README's table: 1, on a shared 2-core machine)")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    from pipelines.idx import write_idx_splits
+
+    every = {**ROWS, **ABLATIONS}
+    chosen = {"recipes": list(ROWS), "ablation": ["r0_quickstart", *ABLATIONS], "all": list(every)}.get(
+        args.rows, [name.strip() for name in args.rows.split(",") if name.strip()])
+    unknown = [name for name in chosen if name not in every]
+    if unknown:
+        print(f"--rows: unknown {', '.join(unknown)}; expected recipes, ablation, all or some of "
+              f"{', '.join(every)}", file=sys.stderr)
+        return 2
+    data = {k: str(v) for k, v in write_idx_splits(args.data).items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    for name in chosen:
+        config, overrides, change = every[name]
+        print(f"{name}: {change} ...", flush=True)
+        record = run_row(name, config, overrides, change, args.out, data, args.threads)
+        with open(results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"  raw pixels {record['raw_pixels_top1']:.2f}  untrained {record['untrained_top1']:.2f}  "
+              f"trained {record['trained_top1']:.2f}  ({record['train_cpu_s']:.0f} CPU s, "
+              f"{record['train_wall_s']:.0f} s wall, load {record['load_before'][0]})", flush=True)
+        records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        (args.out / "results.md").write_text(table(records))
+    print(f"table: {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
