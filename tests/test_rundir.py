@@ -256,7 +256,7 @@ def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tiny):
             assert any(atomic.TEMP_RE.match(p.name) for p in run.iterdir())
         if kill == "write:encoder.pt":  # killed writing encoder.pt: none, never a 0-byte one
             assert not (run / "encoder.pt").exists()
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no stale temporary file
+    assert not [p.name for p in run.iterdir() if atomic.TEMP_RE.match(p.name)]  # no stale temporary file
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [8, 10, 12]
     assert steps_logged(run) == list(range(1, 13))  # in order, no step twice
     straight = tiny.parent / "straight"
