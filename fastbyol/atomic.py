@@ -14,6 +14,7 @@ under a real name; `remove_stale_temp` deletes those at the next start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,11 +37,60 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failing write as RuntimeError("... unexpected pos ..."), the real
+        # error as its context: a full disk and a second Ctrl-C are said as what they are
+        if not isinstance(e, KeyboardInterrupt) and _in_chain(e, lambda x: isinstance(x, KeyboardInterrupt)):
+            raise KeyboardInterrupt(f"interrupted while writing {path}, which was left as it was") from None
+        if _in_chain(e, lambda x: isinstance(x, OSError) and x.errno in NO_SPACE):
+            raise NoSpaceLeft(f"no space left on {file_system(path.parent)} writing {path}") from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
+
+
+class NoSpaceLeft(OSError):
+    """A write found its file system full; the message names the file system and the file, and the
+    file is as it was before the write (whole)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _in_chain(e: BaseException | None, match: Callable[[BaseException], bool]) -> bool:
+    """Whether `e` or an exception it was raised from or during matches."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if match(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def file_system(folder: str | os.PathLike) -> str:
+    """'DEVICE (mounted at MOUNT)' of the file system that holds `folder` (MOUNT alone if
+    /proc/mounts does not say)."""
+    mount = Path(os.path.abspath(folder))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:  # the last entry for a mount point is the one in effect
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == str(mount):
+                    device = fields[0]
+    except OSError:
+        pass
+    return f"{device} (mounted at {mount})" if device else str(mount)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -72,4 +122,4 @@ def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-__all__ = ["TEMP_RE", "atomic_write", "atomic_write_json", "atomic_write_text", "fsync_dir", "remove_stale_temp"]
+__all__ = ["NO_SPACE", "NoSpaceLeft", "TEMP_RE", "atomic_write", "atomic_write_json", "atomic_write_text", "file_system", "fsync_dir", "remove_stale_temp"]

@@ -4,10 +4,15 @@ Every file of a run directory (checkpoints, encoder.pt, config.yaml, the truncat
 is written by fastbyol.atomic: a crash or a kill mid-write leaves at most a stray `.NAME.*.tmp`
 file, never a half-written file under a real name, and the next start removes the strays.
 Loading takes the newest checkpoint that loads.
+
+Every file is loaded with torch.load(weights_only=True): a checkpoint holds only tensors and plain
+types (dicts, lists, numbers, strings), and a file that holds anything else (an object whose
+unpickling calls code) is refused unread, wherever it came from.
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +23,25 @@ import torch
 from fastbyol import atomic
 
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{9})\.pt$")
+
+
+class UnsafeWeights(ValueError):
+    """A weights file holds more than tensors and plain types: unpickling it could run code."""
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load of `path` with weights_only=True: tensors and plain types only. A file holding
+    anything else raises UnsafeWeights, one line naming the file and what it holds."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph about its defaults; the line naming a GLOBAL names what the
+        # file would import and call. Without one the file is damaged, not hostile: re-raised as is.
+        culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if culprit is None:
+            raise
+        raise UnsafeWeights(f"{path}: refused: it holds more than tensors and plain types ({culprit.rstrip('.')}), "
+                            "and unpickling it could run code; only weights are loaded") from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -59,9 +83,12 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> dict
     """The newest checkpoint of `run_dir` that loads (a damaged one is reported and passed over)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = load_weights(path, map_location=map_location)
+        except UnsafeWeights as e:
+            warnings.warn(f"checkpoint {e}; trying the previous one")
+            continue
         except Exception as e:  # a file damaged outside our control (disk full, copied half)
-            warnings.warn(f"checkpoint {path} does not load ({e}); trying the previous one")
+            warnings.warn(f"checkpoint {path} does not load ({' '.join(str(e).split())}); trying the previous one")
             continue
         state["path"] = str(path)
         return state

@@ -15,9 +15,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fastbyol.atomic import NO_SPACE, NoSpaceLeft, file_system
     from fastbyol.config import load_config
     from fastbyol.dist import RankLost, launcher_env
-    from fastbyol.train import Interrupted, summary_lines, train
+    from fastbyol.train import Diverged, Interrupted, summary_lines, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -27,13 +28,34 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, force=args.force)
     except Interrupted:
         return 130
+    except KeyboardInterrupt as e:  # a second Ctrl-C: out now, still an interrupt, without a traceback
+        print_error(f"{str(e) or 'interrupted again'}; {_newest_checkpoint(cfg.train.run_dir)}")
+        return 130
+    except OSError as e:
+        if not isinstance(e, NoSpaceLeft) and e.errno not in NO_SPACE:
+            raise
+        what = str(e) if isinstance(e, NoSpaceLeft) else f"no space left on {file_system(cfg.train.run_dir)} ({e})"
+        print_error(f"{what}; {_newest_checkpoint(cfg.train.run_dir)}")
+        return 1
     except RankLost as e:
         print_error(e)
         return 1
+    except Diverged as e:
+        print_error(e)
+        return 3
     if launcher_env().is_main:
         for line in summary_lines(summary):
             err.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _newest_checkpoint(run_dir: str) -> str:
+    """What a run that stopped mid-write still has: every file is written atomically, so the newest
+    checkpoint on disk is whole."""
+    from fastbyol.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return f"the newest whole checkpoint is {found[-1]}" if found else f"{run_dir} holds no checkpoint yet"
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -229,7 +251,8 @@ def print_error(e: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a rank was lost (named in one line), 2 bad input (named in one line),
-    130 interrupted."""
+    3 the run diverged (the step and the checkpoint kept named in one line), 130 interrupted (a
+    second Ctrl-C too); a full disk while training is 1, with the newest whole checkpoint named."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -260,13 +260,55 @@ def _update(obj: Any, values: dict, prefix: str, source: str) -> None:
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one
+    silently, so a second `optim:` block would reset every key of the first to its default."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: its node was checked where it was anchored
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{prefix}[{i}].", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[tuple[str, str], int] = {}  # (tag, text) of each key -> its line
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then explicit keys: overriding is its purpose
+            continue
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+        line = key_node.start_mark.line + 1
+        if isinstance(key_node, yaml.ScalarNode) and (key_node.tag, name) in lines:
+            raise ConfigError(f"key {prefix}{name} appears twice (lines {lines[key_node.tag, name]} and {line}); "
+                              "the second would silently replace the first: keep one")
+        lines[key_node.tag, name] = line
+        _refuse_duplicate_keys(value_node, f"{prefix}{name}.", seen_nodes)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`text` parsed as YAML (safe types only); a syntax error or a duplicate key raises a
+    ConfigError naming `source` and the line(s)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=10")
     key, raw = text.split("=", 1)
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted key such as optim.base_lr")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), load_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
@@ -280,10 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        values = load_yaml(path.read_text(), str(path)) or {}
         layers.append((values, str(path)))
     for text in overrides:
         keys, value = _parse_override(text)
@@ -324,7 +363,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {path} does not exist")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(load_yaml(path.read_text(), str(path)))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -75,7 +75,9 @@ def online_encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torc
 def _read(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint (dict with "model") or a plain encoder state_dict -> the encoder's state."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = checkpoint.load_weights(path)
+    except checkpoint.UnsafeWeights:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -90,7 +92,17 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def encoder_state(source: str | Path) -> EncoderState:
-    """The online encoder's weights from a run directory, a checkpoint file or an encoder.pt."""
+    """The online encoder's weights from a run directory, a checkpoint file or an encoder.pt; weights
+    that are not finite (a diverged run) are refused in one line."""
+    found = _encoder_state(source)
+    bad = [k for k, v in found.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{found.source}: the weights are not finite ({len(bad)} tensor(s), e.g. {bad[0]}): the run "
+                         "diverged before this was written; use an earlier checkpoint")
+    return found
+
+
+def _encoder_state(source: str | Path) -> EncoderState:
     source = Path(source)
     if source.is_dir():
         newest = checkpoint.load_latest(source)  # passes over a damaged newest checkpoint, with a warning

@@ -6,6 +6,7 @@ Only rank 0 creates a `RunMonitor` that writes; other ranks get one with `enable
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import deque
@@ -49,6 +50,9 @@ class MetricWindow:
                  first_step: int = 0, clock: Callable[[], float] = time.perf_counter) -> None:
         self.device, self.clock = device, clock  # clock: seconds, monotonic (tests pass one they move)
         self.sums = torch.zeros(3, device=device)  # loss, cosine, collapse std
+        self.first_nonfinite = torch.full((), math.inf, device=device)  # window index of the first non-finite loss
+        self.nonfinite_step: int | None = None  # set by flush: the first step of its window whose loss was not finite
+        self.skipped_before = 0  # fp16: the grad scaler's skipped steps counted at the last flush
         self.steps = 0
         self.images_per_step, self.world_size = images_per_step, world_size
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
@@ -72,13 +76,18 @@ class MetricWindow:
 
     def add(self, loss: torch.Tensor, cosine: torch.Tensor, collapse_std: torch.Tensor) -> None:
         self.sums += torch.stack([t.detach().to(self.sums.dtype) for t in (loss, cosine, collapse_std)])
+        # where a divergence began, kept on the device: read only if the window's mean is not finite
+        index = torch.where(torch.isfinite(loss.detach()), math.inf, float(self.steps))
+        self.first_nonfinite = torch.minimum(self.first_nonfinite, index)
         self.steps += 1
 
-    def flush(self, step: int) -> dict[str, Any]:
+    def flush(self, step: int, skipped_steps: int | None = None) -> dict[str, Any]:
         """The window's record fields (means over ranks): loss, cosine, collapse_std;
         images_per_sec (summed over ranks, over the last few windows); loader_wait_share (of the
         window's wall time), step_time_s, mfu (None: no known peak for this device and
-        precision) and, on CUDA, peak_memory_gib (the most allocated since the start)."""
+        precision), on CUDA peak_memory_gib (the most allocated since the start), and with
+        `skipped_steps` (fp16: the grad scaler's count since the start) skipped_steps of the window.
+        A loss that is not finite sets `nonfinite_step` (the window's first such step, over ranks)."""
         wall = self.clock() - self.start
         timing = torch.tensor([self.wait_s, wall], device=self.device)
         means = dist.all_reduce_mean(torch.cat([self.sums / self.steps, timing.to(self.sums.dtype)]))
@@ -94,6 +103,14 @@ class MetricWindow:
         }
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if skipped_steps is not None:
+            record["skipped_steps"] = skipped_steps - self.skipped_before
+            self.skipped_before = skipped_steps
+        self.nonfinite_step = None
+        if not math.isfinite(loss):  # diverged: one more read, once
+            first = min(r[0] for r in dist.gather_floats([self.first_nonfinite.item()], self.device))
+            self.nonfinite_step = step - self.steps + 1 + int(first) if math.isfinite(first) else step
+        self.first_nonfinite.fill_(math.inf)
         self.total["images"] += images
         self.total["wall_s"] += wall
         self.total["wait_s"] += wait

@@ -14,17 +14,20 @@ The rules (README, "Faults and what happens"):
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
-import yaml
 
 from fastbyol import atomic, checkpoint, dist
-from fastbyol.config import Config, ConfigError, dump_yaml, to_dict
+from fastbyol.config import Config, ConfigError, dump_yaml, load_yaml, to_dict
 from fastbyol.export import online_encoder_state
 
 # Keys that may differ between a run directory's config and the config resuming it: they change
@@ -45,6 +48,13 @@ class RunStart:
     state: dict | None = None  # the checkpoint resumed from (on every rank); None for a fresh start
     complete: bool = False  # the directory already holds every step of the run: nothing to train
     messages: list[str] = field(default_factory=list)  # for the user, in order (rank 0's; none on others)
+    lock: IO[str] | None = None  # rank 0's hold on the directory (lock_run_dir); None on other ranks
+
+    def release(self) -> None:
+        """Let another process open the directory (ending the process does the same)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
 def open_run(cfg: Config, total_steps: int, force: bool, info: dist.DistInfo,
@@ -52,25 +62,43 @@ def open_run(cfg: Config, total_steps: int, force: bool, info: dist.DistInfo,
     """Open cfg.train.run_dir for a run of `total_steps` steps, on every rank at once: decide fresh or
     resume, load the agreed checkpoint, and make the directory this run's (rank 0 writes).
 
-    Call it once the data has been found: nothing is written before the checkpoint is chosen, and a
-    refused start (a different run without `force`, a checkpoint a rank cannot load) raises
-    ConfigError and leaves the directory as it was. A run that is complete already is left as it is,
-    except for what a kill at its very end left undone (`finish_complete`). Makes cfg's data and eval
-    paths absolute first, so the run's config.yaml names the same files from anywhere.
+    Call it once the data has been found. Rank 0 first takes the directory's lock (`lock_run_dir`),
+    held until `RunStart.release()` or the process ends: a second process is refused (RunDirBusy,
+    naming the holder) before it reads anything. Besides that lock file nothing is written before
+    the checkpoint is chosen, and a refused start (a different run without `force`, a checkpoint a
+    rank cannot load) raises ConfigError and leaves the directory as it was. A run that is complete
+    already is left as it is, except for what a kill at its very end left undone (`finish_complete`).
+    Makes cfg's data and eval paths absolute first, so the run's config.yaml names the same files
+    from anywhere.
     """
     absolute_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
-    fresh = decide_fresh(cfg, run_dir, force, info)
-    state = None if fresh else load_agreed_checkpoint(cfg, run_dir, info, map_location=map_location)
-    step = 0 if state is None else state["step"]
-    if step >= total_steps:
-        notes = finish_complete(run_dir, state) if info.is_main else []
-        return RunStart(run_dir, step, state, complete=True, messages=notes)
-    messages = begin(cfg, run_dir, fresh, step) if info.is_main else []
-    dist.barrier()  # no rank starts before rank 0 has made the directory this run's
-    if state is not None:
-        messages.append(f"resumed from {state['path']} at step {step}")
-    return RunStart(run_dir, step, state, messages=messages)
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = lock_run_dir(run_dir)
+        except RunDirBusy as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise RunDirBusy(error)
+    run = RunStart(run_dir, 0, lock=lock)
+    try:
+        fresh = decide_fresh(cfg, run_dir, force, info)
+        run.state = None if fresh else load_agreed_checkpoint(cfg, run_dir, info, map_location=map_location)
+        run.step = 0 if run.state is None else run.state["step"]
+        if run.step >= total_steps:
+            run.complete = True
+            run.messages = finish_complete(run_dir, run.state) if info.is_main else []
+            return run
+        run.messages = begin(cfg, run_dir, fresh, run.step) if info.is_main else []
+        dist.barrier()  # no rank starts before rank 0 has made the directory this run's
+    except BaseException:
+        run.release()
+        raise
+    if run.state is not None:
+        run.messages.append(f"resumed from {run.state['path']} at step {run.step}")
+    return run
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -108,9 +136,9 @@ def decide_fresh(cfg: Config, run_dir: Path, force: bool, info: dist.DistInfo) -
         path = run_dir / "config.yaml"
         if path.is_file():
             try:
-                changes = config_changes(yaml.safe_load(path.read_text()) or {}, to_dict(cfg))
-            except yaml.YAMLError as e:
-                changes = [f"{path} does not parse ({str(e).splitlines()[0]})"]
+                changes = config_changes(load_yaml(path.read_text(), str(path)) or {}, to_dict(cfg))
+            except ConfigError as e:  # not YAML, or a key given twice (hand-edited)
+                changes = [str(e).splitlines()[0]]
             if changes and not force:
                 more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
                 error = (f"run directory {run_dir} holds a different run ({', '.join(changes[:6])}{more}); "
@@ -144,7 +172,7 @@ def load_agreed_checkpoint(cfg: Config, run_dir: Path, info: dist.DistInfo,
     if name is not None and not info.is_main:
         path = (run_dir / name).absolute()
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = checkpoint.load_weights(path, map_location=map_location)
             state["path"] = str(path)
         except FileNotFoundError:
             error = (f"rank {info.rank}: {path} does not exist, but rank 0 resumes from it; put train.run_dir "
@@ -223,4 +251,35 @@ def finish_complete(run_dir: Path, state: dict) -> list[str]:
     return notes
 
 
-__all__ = ["RESUMABLE_CHANGES", "RunStart", "config_changes", "move_aside", "open_run", "truncate_metrics"]
+LOCK_NAME = ".lock"  # stays in the run directory (never moved aside): unlinking a lock file races
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run directory's lock; the message names its PID and host."""
+
+
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """An exclusive lock on `run_dir` (fcntl.flock on run_dir/.lock), held while the returned file
+    stays open. The OS releases it when the process ends in any way, kill -9 included, so a stale
+    lock never blocks a resume. The holder's PID and host are written into the file; a second
+    process gets RunDirBusy naming them. (On NFS, Linux maps flock to POSIX locks, which work across
+    clients; Lustre needs its `flock` mount option.)"""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirBusy(f"run directory {run_dir} is in use by {holder}; wait for that run to end, "
+                         "or choose another train.run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})\n")
+    f.flush()
+    return f
+
+
+__all__ = ["LOCK_NAME", "RESUMABLE_CHANGES", "RunDirBusy", "RunStart", "config_changes", "lock_run_dir", "move_aside",
+           "open_run", "truncate_metrics"]

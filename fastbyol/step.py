@@ -41,6 +41,15 @@ class Components:
     scaler: torch.amp.GradScaler | None
     device_type: str
     autocast_dtype: torch.dtype | None
+    skipped_steps: int = 0  # fp16: steps whose update the grad scaler skipped (inf or NaN gradients)
+    optimizer_steps: int = 0  # updates the optimizer made (counted by a step hook; fp16 only)
+
+    def __post_init__(self) -> None:
+        if self.scaler is not None:  # the scaler skips optimizer.step() silently: count the calls
+            self.optimizer.register_step_post_hook(self._count_update)
+
+    def _count_update(self, *_: object) -> None:
+        self.optimizer_steps += 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward's autocast context of train.precision (a no-op for fp32)."""
@@ -123,7 +132,9 @@ def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: floa
         out = c.model(view1, view2)
     if c.scaler is not None:
         c.scaler.scale(out.loss).backward()
-        c.scaler.step(c.optimizer)
+        updates = c.optimizer_steps
+        c.scaler.step(c.optimizer)  # reads its inf/NaN flag on the host (PyTorch's one sync): skips or steps
+        c.skipped_steps += c.optimizer_steps == updates
         c.scaler.update()
     else:
         out.loss.backward()

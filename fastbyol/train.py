@@ -43,6 +43,16 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
 
 
+class Diverged(Exception):
+    """The loss or the weights stopped being finite; the message names the step and the newest
+    finite checkpoint, which is kept (a checkpoint of non-finite weights is never written, so
+    rotation never deletes the last good one)."""
+
+
+# fp16: below this loss scale the grad scaler has skipped step after step (fairseq's --min-loss-scale)
+MIN_LOSS_SCALE = 1e-4
+
+
 def train(cfg: Config, force: bool = False, step_hook: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) the training of `cfg` (a Config from load_config: validated there, once);
     returns a summary dict (steps, final loss, images/sec, where the time went, kNN).
@@ -74,6 +84,15 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
     plan = RunPlan.of(cfg, len(loader))
 
     run = rundir.open_run(cfg, plan.total_steps, force, info, map_location=device)
+    try:
+        return _run(cfg, info, device, loader, plan, run, step_hook)
+    finally:
+        run.release()  # the run directory's lock (the OS releases it too, however the process ends)
+
+
+def _run(cfg: Config, info: dist.DistInfo, device: torch.device, loader: pipelines.TwoViewLoader, plan: RunPlan,
+         run: rundir.RunStart, step_hook: Callable[[int], None] | None) -> dict:
+    """Train the opened run from run.step to the plan's end (nothing to do for a complete run)."""
     if run.complete:
         return {"steps": run.step, "total_steps": plan.total_steps, "already_complete": True,
                 "run_dir": str(run.run_dir), "notes": run.messages}
@@ -108,8 +127,13 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
                     step_hook(step)
                 now = due(step, cfg, plan, knn, stop, info, device)
                 if now.log:
-                    record = {"step": step, "epoch": epoch, **window.flush(step), "lr": lr, "tau": tau,
+                    skipped = c.skipped_steps if c.scaler is not None else None
+                    record = {"step": step, "epoch": epoch, **window.flush(step, skipped), "lr": lr, "tau": tau,
                               "time": time.time()}
+                    diverged = _diverged_loss(c, window, step)  # where the loss is read anyway: no extra sync
+                    if diverged:
+                        monitor.log(record)
+                        raise _diverged(diverged, run.run_dir)
                     if now.knn:
                         record.update(knn(c.byol.online_encoder, monitor, step))
                         window.pause(step)  # the evaluation's pause is not training throughput
@@ -175,8 +199,41 @@ def _batches(loader: pipelines.TwoViewLoader, plan: RunPlan, step: int) -> Itera
                 return
 
 
+def _diverged_loss(c: Components, window: MetricWindow, step: int) -> str | None:
+    """What shows, at a log step, that the run diverged (None if nothing): a loss that is not finite
+    (bf16, fp32), or an fp16 loss scale under MIN_LOSS_SCALE (the scaler skips the steps whose
+    gradients are not finite, so a non-finite loss alone is a skipped step there)."""
+    if c.scaler is None:
+        return None if window.nonfinite_step is None else f"the loss is not finite from step {window.nonfinite_step}"
+    scale = c.scaler.get_scale()
+    if scale < MIN_LOSS_SCALE:
+        return (f"the fp16 loss scale fell to {scale:.3g} by step {step}: the grad scaler skipped step after step "
+                "(gradients not finite)")
+    return None
+
+
+def _nonfinite_weights(c: Components, step: int) -> str | None:
+    """Which weights (model state) are not finite after `step`, or None: one host read."""
+    state = {k: v for k, v in c.byol.state_dict().items() if v.is_floating_point()}
+    if bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
+        return None
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    return f"the weights are not finite after step {step} ({len(bad)} tensor(s), e.g. {bad[0]})"
+
+
+def _diverged(what: str, run_dir: Path) -> Diverged:
+    kept = checkpoint.list_checkpoints(run_dir)
+    where = f"the newest finite checkpoint is {kept[-1]} (kept)" if kept else "no finite checkpoint was written before it"
+    return Diverged(f"diverged: {what}; {where}; lower optim.base_lr (or optim.lr) and start again with --force")
+
+
 def _save(c: Components, cfg: Config, plan: RunPlan, info: dist.DistInfo, run_dir: Path, step: int) -> None:
-    """The checkpoint of `step` (rank 0 writes, keeping train.keep_checkpoints); every rank waits for it."""
+    """The checkpoint of `step` (rank 0 writes, keeping train.keep_checkpoints); every rank waits for it.
+    Weights that are not finite are never written (Diverged): rotation never deletes the last good
+    checkpoint. The check reads the device once per checkpoint, which writes them to the host anyway."""
+    diverged = _nonfinite_weights(c, step)  # every rank: their weights are the same
+    if diverged:
+        raise _diverged(diverged, run_dir)
     if info.is_main:
         checkpoint.save_checkpoint({**training_state(c), "step": step, "epoch": plan.epoch(step),
                                     "config": to_dict(cfg), "world_size": info.world_size},
@@ -307,5 +364,5 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-__all__ = ["Due", "Interrupted", "KNNHook", "StopFlag", "due", "should_stop", "summary_lines", "train",
+__all__ = ["Diverged", "Due", "Interrupted", "KNNHook", "StopFlag", "due", "should_stop", "summary_lines", "train",
            "where_time_went"]

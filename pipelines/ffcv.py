@@ -38,6 +38,7 @@ from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import AugmentConfig
 from pipelines.prefetch import prefetch
 from pipelines.seeding import derive_seed
+from pipelines.sharding import pad_last_batch
 
 INSTALL_HINT = (
     "the ffcv backend needs FFCV 1.0.2, built from source: install Debian's pkg-config "
@@ -179,7 +180,7 @@ class FFCVLoader:
                              q.page_to_samples_array.copy(), q.page_sizes, order,
                              2 * self.batch_size)
         b = self.batch_size
-        return [order[i * b:(i + 1) * b] for i in range(start_step, self.plan.steps)]
+        return [pad_last_batch(order[i * b:(i + 1) * b], order, b) for i in range(start_step, self.plan.steps)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield Batch(view1, view2, labels) for steps start_step..len(self)-1 of `epoch`.

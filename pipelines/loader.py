@@ -58,7 +58,7 @@ class DataConfig:
     num_workers: int = at_least(8, 0)  # CPU workers (DataLoader workers, FFCV threads, DALI threads)
     prefetch: int = at_least(2, 1)  # batches prepared ahead of the training step
     side_stream: bool = True  # folder, ffcv on CUDA: batch k+1's copy and augmentation on a side stream while step k runs
-    drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size)
+    drop_last: bool = True  # drop the incomplete last batch (keeps every step the same size); false: keep it, topped up to at least 2 images per rank (BatchNorm's minimum) with the epoch's first images
     on_bad_image: str = choice("skip", ("skip", "error"))  # skip | error: what a corrupt or unreadable image does
     synthetic_steps: int = at_least(100, 1)  # steps per epoch of the synthetic backend
     demo: bool = False  # write the demo image set (train/ and val/ beside data.path) if data.path is missing

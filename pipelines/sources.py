@@ -7,7 +7,8 @@ Layouts:
   (`ImageId,PredictionString`; the first token of PredictionString is the synset).
 
 Hidden files and folders are ignored, extensions (IMAGE_EXTENSIONS) match case-insensitively, and
-paths are sorted within each class, so a scan gives the same order on every machine. A class map
+paths are sorted within each class, so a scan gives the same order on every machine. Links are
+followed, but never in a loop, and each real file is listed once (`Scan`). A class map
 ({class name: index}, indices 0..n-1) is stored as X.classes.json next to X.beton, so that val can
 be converted with train's mapping.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -24,16 +26,87 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VAL_LABEL_FILES = ("LOC_val_solution.csv",)  # looked for in SRC and its parents (Kaggle layout)
 
 
+class ScanWarning(UserWarning):
+    """A scan passed over a link that leads where it has been already (named in the message)."""
+
+
+class Scan:
+    """One scan of a source tree. Links are followed (a class folder or image may be a link), but no
+    folder is entered twice and no file is listed twice: a link back up the tree (a loop such as
+    `a/self -> .`) or a second link to a folder or file already found is passed over and named in
+    `passed_over`. A folder or file is known by its (device, inode): read from the directory for a
+    plain file, one stat for each folder and each link."""
+
+    def __init__(self) -> None:
+        self.folders: set[tuple[int, int]] = set()
+        self.files: dict[tuple[int, int], str] = {}  # identity -> the path it was listed under
+        self.passed_over: list[tuple[str, str]] = []  # (path, why)
+
+    def reserve(self, *folders: str | os.PathLike) -> None:
+        """Count `folders` as scanned: a link into one of them from elsewhere is passed over (the
+        root and its class folders, so that a link never files one class's images under another)."""
+        for folder in folders:
+            st = os.stat(folder)
+            self.folders.add((st.st_dev, st.st_ino))
+
+    def image_files(self, folder: str | os.PathLike) -> list[str]:
+        """Every image file under `folder` (recursively, in sorted order, links followed), sorted."""
+        found: list[str] = []
+        st = os.stat(folder)
+        self.folders.add((st.st_dev, st.st_ino))
+        self._scan(os.fspath(folder), st, found)
+        return sorted(found)
+
+    def _scan(self, folder: str, st: os.stat_result, found: list[str]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable: as os.walk, skipped
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    sub = entry.stat()
+                    if (sub.st_dev, sub.st_ino) in self.folders:
+                        self.passed_over.append((entry.path, "a folder scanned already"))
+                    else:
+                        self.folders.add((sub.st_dev, sub.st_ino))
+                        self._scan(entry.path, sub, found)
+                    continue
+                if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                if entry.is_symlink():
+                    target = os.stat(entry.path)
+                    key = (target.st_dev, target.st_ino)
+                else:
+                    key = (st.st_dev, entry.inode())
+            except OSError:  # a broken link: listed, so that its decode names it
+                found.append(entry.path)
+                continue
+            if key in self.files:
+                self.passed_over.append((entry.path, f"the same file as {self.files[key]}"))
+                continue
+            self.files[key] = entry.path
+            found.append(entry.path)
+
+    def warn(self, root: str | os.PathLike) -> None:
+        """One ScanWarning naming what was passed over (the first 5, relative to `root`), if anything."""
+        if not self.passed_over:
+            return
+        names = [f"{os.path.relpath(path, root)} ({why})" for path, why in self.passed_over]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        warnings.warn(f"{root}: passed over {len(names)} link(s) leading where the scan had been (each real "
+                      f"file is listed once): {', '.join(names[:5])}{more}", ScanWarning, stacklevel=3)
+
+
 def image_files(folder: str | os.PathLike) -> list[str]:
-    """Every image file under `folder` (recursively, links followed), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            os.path.join(root, f) for f in files
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return sorted(found)
+    """Every image file under `folder` (recursively, links followed, each real file once), sorted;
+    a ScanWarning names the links passed over."""
+    scan = Scan()
+    found = scan.image_files(folder)
+    scan.warn(folder)
+    return found
 
 
 def class_folders(root: Path) -> list[str]:
@@ -59,10 +132,13 @@ def find_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
         )
     paths: list[str] = []
     labels: list[int] = []
+    scan = Scan()  # one for every class: a file linked into two classes is listed once
+    scan.reserve(root, *(root / name for name in classes))
     for label, name in enumerate(classes):
-        found = image_files(root / name)
+        found = scan.image_files(root / name)
         paths += found
         labels += [label] * len(found)
+    scan.warn(root)
     if not paths:
         raise ValueError(
             f"{root}: no images in its {len(classes)} class folders "
@@ -224,7 +300,7 @@ def first_per_class(paths: list[str], labels: list[int], n: int) -> tuple[list[s
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "VAL_LABEL_FILES", "check_class_map", "class_folders", "class_map_json",
+    "IMAGE_EXTENSIONS", "Scan", "ScanWarning", "VAL_LABEL_FILES", "check_class_map", "class_folders", "class_map_json",
     "class_map_path", "find_images", "find_val_labels", "first_per_class", "image_files",
     "load_class_map", "read_val_labels", "scan_source",
 ]

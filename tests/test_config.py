@@ -164,3 +164,33 @@ def test_model_choices_are_the_resnet_tables():
               if "check" in f.metadata}
     assert all(checks["depth"](d) for d in STAGES) and not checks["depth"](51)
     assert all(checks["width"](w) for w in WIDTHS) and all(checks["stem"](s) for s in STEMS)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a second section block: PyYAML keeps the last, so the first block's keys would revert to defaults
+        ("data: {path: /x}\noptim:\n  weight_decay: 0.1\n  warmup_epochs: 2\ntrain: {epochs: 3}\noptim:\n  base_lr: 0.3\n",
+         "{file}: key optim appears twice (lines 2 and 6)"),
+        ("data: {path: /x}\noptim:\n  base_lr: 0.3\n  base_lr: 0.4\n", "{file}: key optim.base_lr appears twice (lines 3 and 4)"),
+        ("data: {path: /x, path: /y}\n", "{file}: key data.path appears twice (lines 1 and 1)"),
+    ],
+)
+def test_a_duplicate_yaml_key_is_refused_with_its_lines(tmp_path, text, message):
+    path = write(tmp_path, text)
+    assert yaml.safe_load(text)  # plain PyYAML takes it silently: the fault this refuses
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message.format(file=path) in str(err.value)
+
+
+def test_a_duplicate_key_in_an_override_value_is_refused():
+    with pytest.raises(ConfigError, match=r"augment.view1=.*key crop_size appears twice"):
+        load_config(None, ["augment.view1={crop_size: 96, crop_size: 64}"])
+
+
+def test_a_yaml_merge_key_may_still_override_what_it_merges(tmp_path):
+    # `<<: *base` followed by an explicit key is YAML's way to override: not a duplicate
+    text = "data: {path: /x}\naugment:\n  view1: &v {crop_size: 96, blur_p: 0.5}\n  view2:\n    <<: *v\n    blur_p: 0.1\n"
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.augment.view2.crop_size, cfg.augment.view2.blur_p) == (96, 0.1)

@@ -200,11 +200,22 @@ def test_two_shards_cover_every_file_once_per_epoch(tmp_path, n, drop_last):
     seen = sorted(i for rank in steps for step in rank for i in step)
     if drop_last:  # 5 full global batches: every image once
         assert seen == list(range(n))
-    else:  # 6 steps, the last global batch of 2 split 1 + 1: every image once, nothing padded
-        assert sorted(set(seen)) == list(range(n)) and len(seen) == n
+    else:  # 6 steps; the last global batch of 2 would split 1 + 1, which BatchNorm cannot train on:
+        # each rank's share is topped up to 2 with the epoch's first images
+        assert sorted(set(seen)) == list(range(n)) and len(seen) == n + 2
+        assert [len(step) for rank in steps for step in rank[-1:]] == [2, 2]
     # the label is the image index and the image is filled with it: labels travel with images
     first = next(iter(ranks[0].epoch(1)))
     assert torch.equal((first.view1[:, 0, 0, 0] * 255).round().long(), first.labels)
+
+
+def test_one_rank_never_gets_a_last_batch_of_one_image(tmp_path):
+    dali = dali_module()
+    path = write_list(tmp_path, [np.full((S, S, 3), i, np.uint8) for i in range(17)])
+    data = DataConfig(backend="dali", path=path, batch_size=8, num_workers=1, drop_last=False)
+    steps = [b.labels.tolist() for b in dali.DALILoader(data, plain(only()), "cpu", seed=5).epoch(0)]
+    assert [len(s) for s in steps] == [8, 8, 2]  # 16 + 1: the last image and the epoch's first
+    assert steps[-1][1] == steps[0][0] and sorted({i for s in steps for i in s}) == list(range(17))
 
 
 def test_resume_mid_epoch_sees_the_same_images(tmp_path):

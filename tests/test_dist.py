@@ -131,6 +131,10 @@ def _worker(argv: list[str]) -> int:
         from fastbyol.cli import main
 
         result["rc"] = main(["train", config])
+    elif scenario == "train":
+        from fastbyol.cli import main
+
+        result["rc"] = main(["train", config])
     elif scenario == "signal":
         def sigterm_on_rank1(step: int) -> None:
             if info.rank == 1 and step == 1:
@@ -475,7 +479,7 @@ def test_only_rank0_writes_files(two_ranks):
     assert [r["rc"] for r in results(two_ranks)] == [0, 0]
     assert list((two_ranks / "rank1").iterdir()) == []
     written = {p.name for p in (two_ranks / "rank0" / "run").iterdir()}
-    assert written == {"config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt",
+    assert written == {".lock", "config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt",
                        f"checkpoint_{RUN_CKPT:09d}.pt", f"checkpoint_{RUN_STEPS:09d}.pt"}
     # one line per step: no second writer appended to metrics.jsonl
     assert len((two_ranks / "rank0" / "run" / "metrics.jsonl").read_text().splitlines()) == RUN_STEPS
@@ -534,6 +538,23 @@ def test_sigterm_on_one_srun_task_stops_every_rank_at_the_same_step(tmp_path, de
     assert [r["initialized_after"] for r in ranks] == [False, False]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["checkpoint_000000002.pt"]
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_a_last_step_of_one_image_per_rank_does_not_end_a_two_rank_run(tmp_path):
+    # 26 images, global batch 8 on 2 ranks, drop_last false: the 4th step holds 2 images, 1 per rank,
+    # and a per-rank BatchNorm (dist.sync_bn false) cannot train on one
+    from pipelines.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "demo", num_classes=2, images_per_class=13, size=24)
+    config = write_config(tmp_path / "run.yaml", data, run_dir=str(tmp_path / "run"), checkpoint_every=100)
+    text = yaml.safe_load(config.read_text())
+    text["data"]["drop_last"] = False
+    text["dist"] = {"sync_bn": False}
+    text["logging"]["plot"] = False
+    config.write_text(yaml.safe_dump(text))
+    torchrun("train", tmp_path, config)
+    assert [r["rc"] for r in results(tmp_path)] == [0, 0]
+    assert sorted(metrics(tmp_path / "run")) == [1, 2, 3, 4]
 
 
 if __name__ == "__main__":

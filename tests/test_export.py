@@ -115,3 +115,57 @@ def test_eval_encoder_from_a_run_uses_its_config_and_random_init_is_trainings_in
     torch.manual_seed(cfg.train.seed)  # as build_components does before building the model
     expected = build_model(cfg).online_encoder.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in baseline.encoder.state_dict().items())
+
+
+class RunsCode:
+    """Unpickling this creates the file `marker`: what a hostile weights file can do (any call)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def hostile_files(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A marker path and files that would create it when unpickled: a torch.save checkpoint, a
+    torch.save encoder state_dict and the same in torch.save's legacy (pre-zip) format."""
+    marker = tmp_path / "code_ran"
+    ckpt, encoder, legacy = tmp_path / "checkpoint_000000010.pt", tmp_path / "encoder.pt", tmp_path / "legacy.pt"
+    torch.save({"model": {"online_encoder.conv1.weight": torch.zeros(1)}, "step": 10, "x": RunsCode(marker)}, ckpt)
+    torch.save({"conv1.weight": RunsCode(marker)}, encoder)
+    torch.save({"conv1.weight": RunsCode(marker)}, legacy, _use_new_zipfile_serialization=False)
+    return marker, [ckpt, encoder, legacy]
+
+
+def test_the_hostile_files_do_run_code_when_unpickled(tmp_path):
+    marker, files = hostile_files(tmp_path)
+    for path in files:  # the fault: weights_only=False executes the pickle's calls
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+        marker.unlink()
+
+
+@pytest.mark.parametrize("verb", [["export"], ["eval", "knn"]])
+def test_a_weights_file_that_would_run_code_is_refused_in_one_line(tmp_path, capsys, verb):
+    marker, files = hostile_files(tmp_path)
+    for path in files:
+        extra = [str(tmp_path / "out.pt")] if verb == ["export"] else ["--train", "x", "--val", "y"]
+        assert cli.main([*verb, str(path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "could run code" in err, err
+        assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_a_run_dirs_checkpoint_that_would_run_code_is_passed_over(tmp_path):
+    run = tmp_path / "run"
+    (older,) = make_run(run, 18, stem="cifar", steps=(10,))
+    marker = tmp_path / "code_ran"
+    torch.save({"model": older.state_dict(), "step": 20, "x": RunsCode(marker)}, run / "checkpoint_000000020.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = encoder_state(run)
+    assert not marker.exists()
+    assert found.source.endswith("checkpoint_000000010.pt")
+    (warning,) = [str(w.message) for w in caught]
+    assert len(warning.splitlines()) == 1 and "could run code" in warning, warning

@@ -274,6 +274,17 @@ def test_quasi_random_order_and_process_cache(beton):
     assert labels == again
 
 
+def test_quasi_random_never_gives_a_rank_a_last_batch_of_one_image(beton):
+    # 24 images on 2 ranks: blocks of 12, per-rank batches of 11: the 2nd step would hold 1 image
+    ranks = [_loader(beton, seed=1, rank=r, world_size=2, batch_size=22, drop_last=False,
+                     ffcv=FFCVOptions(order="quasi_random")) for r in range(2)]
+    for q in ranks:
+        steps = [lab.numpy().ravel().tolist() for crops, lab in q.raw_batches(0)]
+        assert [len(s) for s in steps] == [11, 2]
+        assert steps[1][1] == steps[0][0]  # topped up with the block's first image of the epoch
+        assert sorted({i for s in steps for i in s}) == q.plan.block().tolist()
+
+
 def test_missing_ffcv_says_what_to_install(monkeypatch):
     import builtins
 

@@ -22,7 +22,8 @@ LAZY = {
                             "(convert) is left out of --help instead of breaking every other verb"
        for m in ("fastbyol.config", "fastbyol.dist", "fastbyol.train", "fastbyol.profile", "fastbyol.export",
                  "fastbyol.finetune", "fastbyol.knn", "fastbyol.linear", "fastbyol.results",
-                 "fastbyol.models.resnet", "pipelines.convert", "pipelines.labelled")},
+                 "fastbyol.models.resnet", "pipelines.convert", "pipelines.labelled", "fastbyol.atomic",
+                 "fastbyol.checkpoint")},
     ("pipelines.ffcv", "pipelines.ffcv_decode"): "an optional backend: ffcv_decode imports ffcv and numba at module "
                                                  "level, and `import pipelines` must work without them",
     ("pipelines.convert", "pipelines.ffcv_writer"): "an optional backend: ffcv_writer imports ffcv at module level, "

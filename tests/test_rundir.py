@@ -59,8 +59,10 @@ def tiny(tmp_path, demo, one_thread) -> Path:
 
 
 def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under `run` with its bytes and modification time."""
-    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file under `run` with its bytes and modification time, but the lock file, which each
+    start takes and signs with its PID (rundir.lock_run_dir)."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != rundir.LOCK_NAME}
 
 
 def steps_logged(run: Path) -> list[int]:
@@ -254,7 +256,7 @@ def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tiny):
             assert any(atomic.TEMP_RE.match(p.name) for p in run.iterdir())
         if kill == "write:encoder.pt":  # killed writing encoder.pt: none, never a 0-byte one
             assert not (run / "encoder.pt").exists()
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no stale temporary file
+    assert not [p.name for p in run.iterdir() if atomic.TEMP_RE.match(p.name)]  # no stale temporary file
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [8, 10, 12]
     assert steps_logged(run) == list(range(1, 13))  # in order, no step twice
     straight = tiny.parent / "straight"

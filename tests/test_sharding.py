@@ -36,3 +36,21 @@ def test_epochs_and_seeds_change_the_order_but_not_the_step_count():
     assert [x.tolist() for x in a] != [x.tolist() for x in rank_batches(40, 8, 0, 2, seed=1, epoch=0, drop_last=True)]
     assert [x.tolist() for x in a] == [x.tolist() for x in rank_batches(40, 8, 0, 2, seed=0, epoch=0, drop_last=True)]
     assert steps_per_epoch(40, 8, True) == len(rank_batches(40, 8, 0, 4, seed=0, epoch=0, drop_last=True))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("n", [33, 34, 35, 39])  # 32 + 1, + 2, + 3, + 7 over global batches of 8
+def test_no_rank_gets_a_last_batch_too_small_for_batchnorm(n, world):
+    """drop_last false: a last step of one image per rank ends a run in BatchNorm ("Expected more
+    than 1 value per channel when training"). It is topped up to 2 per rank with the epoch's first
+    images, as the pad to a multiple of the ranks already is; steps per epoch stay as they were."""
+    per_rank = [rank_batches(n, 8, r, world, seed=3, epoch=1, drop_last=False) for r in range(world)]
+    assert all(len(b) == steps_per_epoch(n, 8, False) == 5 for b in per_rank)
+    assert all(min(len(x) for x in batches) >= 2 for batches in per_rank)
+    assert all(len(x) <= 8 // world for batches in per_rank for x in batches)  # never above the configured batch
+    last = np.concatenate([batches[-1] for batches in per_rank])
+    order = numpy_rng(3, 1).permutation(n)
+    rest = n - 32
+    assert last[:rest].tolist() == order[32:].tolist()  # the remainder itself, in order
+    assert last[rest:].tolist() == order[:len(last) - rest].tolist()  # then the epoch's first images
+    assert len(last) == max(-(-rest // world), 2) * world  # no more padding than needed

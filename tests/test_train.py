@@ -153,3 +153,33 @@ def test_quickstart_runs_at_reduced_length(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "encoder.pt", "checkpoint_000000003.pt"} <= {p.name for p in run.iterdir()}
     encoder = torch.load(run / "encoder.pt")
     assert "layer4.1.bn2.running_var" in encoder and not any(k.startswith("fc.") for k in encoder)
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_types(tmp_path):
+    """So that it loads with torch.load(weights_only=True): fp16 adds the grad scaler's state."""
+    cfg = tiny_config(tmp_path / "run", "data.backend=synthetic", "data.batch_size=4", "data.synthetic_steps=2",
+                      "train.epochs=1", "train.precision=fp16")
+    train(cfg)
+    (path,) = checkpoint.list_checkpoints(tmp_path / "run")
+
+    def kinds(obj) -> set[type]:
+        if isinstance(obj, dict):
+            return {dict}.union(*map(kinds, obj.keys()), *map(kinds, obj.values()))
+        if isinstance(obj, (list, tuple)):
+            return {type(obj)}.union(*map(kinds, obj))
+        return {torch.Tensor if isinstance(obj, torch.Tensor) else type(obj)}
+
+    state = torch.load(path, weights_only=False)  # our own file: read it whole, then look at what it holds
+    assert kinds(state) <= {dict, list, tuple, torch.Tensor, int, float, str, bool, type(None)}, kinds(state)
+    assert state["scaler"]["scale"] > 0 and state["config"]["train"]["precision"] == "fp16"
+    assert checkpoint.load_weights(path)["step"] == 2
+
+
+def test_a_last_batch_of_one_image_does_not_end_the_run(tmp_path):
+    # 25 images, batch 8, drop_last false: the 4th step of each epoch holds 1 image, which BatchNorm
+    # cannot train on ("Expected more than 1 value per channel when training")
+    folder = make_demo_dataset(tmp_path / "demo", num_classes=5, images_per_class=5, size=24)
+    cfg = tiny_config(tmp_path / "run", f"data.path={folder}", "data.batch_size=8", "data.drop_last=false",
+                      "train.epochs=2", "optim.lr=0.3")
+    assert train(cfg)["steps"] == 8
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 8
