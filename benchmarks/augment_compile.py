@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from fastbyol.timing import interleaved, time_window
 from pipelines.gpu_augment import apply_params, draw_params
 from pipelines.policy import AugmentConfig
-
-
-def _timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def measure(device: torch.device, batch: int = 256, size: int = 224, repeats: int = 20, warmup: int = 3,
             views: tuple[str, ...] = ("view1", "view2"), backend: str = "inductor", mode: str | None = None) -> dict:
     """{view: {eager_ms, compiled_ms, speedup (eager / compiled), compile_s, max_abs_diff}} plus
     the settings; ms are medians per call over `repeats` alternated rounds after `warmup`."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     augment = AugmentConfig()
     augment.set_crop_size(size)
     x = torch.rand(batch, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -45,17 +36,11 @@ def measure(device: torch.device, batch: int = 256, size: int = 224, repeats: in
         params = draw_params(batch, policy, torch.Generator(device).manual_seed(1), device)
         torch._dynamo.reset()  # each policy pays its own cold compile
         compiled = torch.compile(apply_params, fullgraph=True, dynamic=False, backend=backend, mode=mode)
-        compile_s = _timed(lambda: compiled(x, params, policy), sync)
+        compile_s = time_window(lambda: compiled(x, params, policy), 1, device)
         diff = (compiled(x, params, policy) - apply_params(x, params, policy)).abs().max().item()
         fns = {"eager": lambda: apply_params(x, params, policy), "compiled": lambda: compiled(x, params, policy)}
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                samples[k].append(_timed(fn, sync) * 1e3)
-        eager, comp = (statistics.median(samples[k]) for k in ("eager", "compiled"))
+        seconds = interleaved(fns, 1, device, warmup=warmup, rounds=repeats)
+        eager, comp = (statistics.median(seconds[k]) * 1e3 for k in ("eager", "compiled"))
         out[name] = {"eager_ms": eager, "compiled_ms": comp, "speedup": eager / comp,
                      "compile_s": compile_s, "max_abs_diff": diff}
     return out

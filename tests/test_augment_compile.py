@@ -5,13 +5,10 @@ error) and the compiled view equals the eager one."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import augment_compile  # noqa: E402
+from benchmarks import augment_compile
 
 
 def test_the_compiled_augmentation_is_the_eager_one(one_thread):
