@@ -200,9 +200,9 @@ class DALILoader:
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
-        import_dali()
         augment.validate()
-        paths, labels = list_images(data.path)
+        paths, labels = list_images(data.path)  # a bad path is named before DALI is needed
+        import_dali()
         # DALI stops at a file it cannot decode, naming none: check the list first (cached)
         self.images = verify_images(paths, labels, data.on_bad_image, data.num_workers, name=str(data.path))
         self.paths, self.labels = self.images.paths, self.images.labels

@@ -55,17 +55,26 @@ def require_ffcv() -> None:
         raise ImportError(f"{INSTALL_HINT} ({err})") from err
 
 
+FIX_BETON = "write it with `fastbyol convert SRC OUT.beton`"
+
+
+def check_beton_path(path: str) -> None:
+    """Raise a one-line error unless `path` is a file: the user's mistake is named before FFCV is
+    needed, whether or not it is installed."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path = {path}: no such file ({FIX_BETON})")
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path = {path} is a directory; the ffcv backend reads one .beton file ({FIX_BETON})")
+
+
 def check_beton(path: str) -> None:
     """Raise a one-line ValueError / FileNotFoundError unless `path` is a whole FFCV .beton: a
     file, with FFCV's format version, and header, field table, metadata and every sample's bytes
     inside the file (a copy cut short fails here, not deep inside FFCV)."""
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
 
-    fix = "write it with `fastbyol convert SRC OUT.beton`"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data.path = {path}: no such file ({fix})")
-    if not os.path.isfile(path):
-        raise ValueError(f"data.path = {path} is a directory; the ffcv backend reads one .beton file ({fix})")
+    check_beton_path(path)
+    fix = FIX_BETON
     size = os.path.getsize(path)
     if size < HeaderType.itemsize:
         raise ValueError(f"{path} is not an FFCV .beton: {size} bytes, shorter than its header ({fix})")
@@ -117,6 +126,7 @@ class FFCVLoader:
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        check_beton_path(str(data.path))
         require_ffcv()
         import numba
         from ffcv.fields.basics import IntDecoder

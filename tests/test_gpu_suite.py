@@ -184,6 +184,7 @@ def test_step_time_against_batch_is_written_as_it_is_measured(tiny_run):
         assert p["error"] is None and p["step_time_s"] * p["images_per_sec"] == pytest.approx(p["batch"])
 
 
+@pytest.mark.backends
 def test_peers_and_loader_stages(tiny_run):
     final = tiny_run[0]
     contenders = {c["name"]: c for c in final["peers"]["result"]["contenders"]}
