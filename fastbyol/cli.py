@@ -223,6 +223,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _views(args: argparse.Namespace) -> int:
+    from fastbyol.views import write_views
+
+    path = write_views(args.config, list(args.overrides), args.out, args.count)
+    err.print(f"wrote {path}: source images beside their two views, as the configured backend made them",
+              markup=False, highlight=False)
+    return 0
+
+
+def _add_views(sub: argparse._SubParsersAction) -> None:
+    from fastbyol.views import add_views_arguments
+
+    p = sub.add_parser("views", help="write views.png: source images beside the two views the data pipeline makes",
+                       description="The picture `fastbyol train` writes into the run directory (epoch 0's first "
+                                   "batch), without training.")
+    add_views_arguments(p)
+    p.set_defaults(func=_views)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbyol", description="BYOL pretraining, as fast as the hardware allows.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -231,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_views(sub)
     return parser
 
 

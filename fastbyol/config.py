@@ -106,6 +106,7 @@ class LoggingConfig:
     progress: str = choice("auto", ("auto", "rich", "plain", "none"))  # auto (rich bar on a terminal, plain lines otherwise) | rich | plain | none
     log_every: int = at_least(20, 1)  # steps between metric reads (each read synchronises with the device)
     plot: bool = True  # write metrics.png at the end (needs matplotlib)
+    tensorboard: bool = False  # also write TensorBoard events (metrics.jsonl's scalars, views.png) to RUN_DIR/tensorboard; pip install 'fastbyol[tensorboard]'
 
     def validate(self) -> None:
         check_fields(self, "logging")

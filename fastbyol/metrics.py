@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fastbyol import dist
+from fastbyol.tensorboard_log import TensorBoardLog
 from fastbyol.utilization import mfu
 
 
@@ -141,8 +143,10 @@ class RunMonitor:
     """Progress display and metrics file of one training run."""
 
     def __init__(self, run_dir: Path, total_steps: int, mode: str = "auto", enabled: bool = True,
-                 first_step: int = 0):
+                 first_step: int = 0, tensorboard: bool = False):
         self.enabled = enabled
+        # TensorBoard events beside metrics.jsonl (logging.tensorboard), the same records
+        self.tensorboard = TensorBoardLog(run_dir, first_step) if enabled and tensorboard else None
         self.total_steps = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.console = Console(file=sys.stderr)
@@ -171,6 +175,8 @@ class RunMonitor:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(record)
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], epoch=record["epoch"],
                                  img_s=record["images_per_sec"], loss=record["loss"], lr=record["lr"],
@@ -188,6 +194,13 @@ class RunMonitor:
         if self.enabled:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(record)
+
+    def picture(self, name: str, picture: Image.Image, step: int) -> None:
+        """A picture of the run (views.png): into TensorBoard too, when it is on."""
+        if self.tensorboard is not None:
+            self.tensorboard.image(name, picture, step)
 
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":
@@ -205,6 +218,9 @@ class RunMonitor:
             self.progress = None
         if self.enabled and not self.file.closed:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def read_metrics(path: Path) -> list[dict]:

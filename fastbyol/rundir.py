@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = ("logging.", "eval.", "train.resume", "data.num_workers", "d
                      "train.keep_checkpoints", "train.device", "train.run_dir", "train.epochs", "train.max_steps",
                      "dist.timeout_s")
 # What a run writes besides its checkpoints (moved aside together with them on a fresh start).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt", "views.png", "tensorboard")
 
 
 @dataclass

@@ -35,8 +35,10 @@ from fastbyol.knn import KNNMonitor
 from fastbyol.metrics import MetricWindow, RunMonitor, plot_metrics, time_figures
 from fastbyol.optim import RunPlan
 from fastbyol.step import Components, build_components, build_model, initial_encoder, restore, train_step, training_state
+from fastbyol.tensorboard_log import require_tensorboard
 from fastbyol.utilization import peak_flops, step_flops_per_image
 from fastbyol.verdict import verdict
+from fastbyol.views import batch_picture, write_png
 
 
 class Interrupted(Exception):
@@ -82,6 +84,8 @@ def _train(cfg: Config, info: dist.DistInfo, device: torch.device, force: bool,
         _say(cfg, info, f"writing the demo image set to {Path(cfg.data.path).parent} (first use only) ...")
     loader = pipelines.build_loader(cfg.data, cfg.augment, device, info.rank, info.world_size, cfg.train.seed)
     plan = RunPlan.of(cfg, len(loader))
+    if cfg.logging.tensorboard:
+        require_tensorboard()
 
     run = rundir.open_run(cfg, plan.total_steps, force, info, map_location=device)
     try:
@@ -114,12 +118,14 @@ def _run(cfg: Config, info: dist.DistInfo, device: torch.device, loader: pipelin
     c.model.train()
     start_time = time.perf_counter()
     with RunMonitor(run.run_dir, plan.total_steps, cfg.logging.progress, enabled=info.is_main,
-                    first_step=step) as monitor:
+                    first_step=step, tensorboard=cfg.logging.tensorboard) as monitor:
         for text in run.messages:
             monitor.message(text)
         with StopFlag() as stop:
             for batch in window.batches(_batches(loader, plan, step)):
                 epoch, lr, tau = plan.epoch(step), plan.lr(step), plan.tau(step)
+                if step == start_step and info.is_main:
+                    _write_views(cfg, loader, batch, plan, step, run.run_dir, monitor)
                 out = train_step(c, batch.view1, batch.view2, lr, tau)
                 window.add(out.loss, out.cosine, out.collapse_std)
                 step += 1
@@ -197,6 +203,15 @@ def _batches(loader: pipelines.TwoViewLoader, plan: RunPlan, step: int) -> Itera
             step += 1
             if step >= plan.total_steps:
                 return
+
+
+def _write_views(cfg: Config, loader: pipelines.TwoViewLoader, batch: pipelines.Batch, plan: RunPlan, step: int,
+                 run_dir: Path, monitor: RunMonitor) -> None:
+    """views.png from the run's first batch (fastbyol/views.py): what the pipeline feeds the model."""
+    picture = batch_picture(loader, batch, plan.epoch(step), step % plan.steps_per_epoch, cfg.augment.mean,
+                            cfg.augment.std)
+    write_png(picture, run_dir / "views.png")
+    monitor.picture("views", picture, step)
 
 
 def _diverged_loss(c: Components, window: MetricWindow, step: int) -> str | None:

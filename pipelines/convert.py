@@ -108,12 +108,11 @@ def convert(
     num_workers = opts.num_workers or os.cpu_count() or 1
     if isinstance(class_map, (str, os.PathLike)):
         class_map = load_class_map(class_map)
+    paths, labels, mapping = scan_source(src, class_map, val_labels, opts.subset)  # a bad SRC first, FFCV or not
     try:
         from pipelines.ffcv_writer import write_beton
     except ImportError as err:
         raise ImportError(FFCV_HINT) from err
-
-    paths, labels, mapping = scan_source(src, class_map, val_labels, opts.subset)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     classes_json = class_map_path(out)

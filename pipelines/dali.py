@@ -27,7 +27,7 @@ import torch
 
 from pipelines import dali_augment
 from pipelines.image_list import verify_images
-from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
+from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step, decode_sources
 from pipelines.policy import AugmentConfig, ViewPolicy
 from pipelines.seeding import derive_seed
 from pipelines.sources import find_images
@@ -200,9 +200,9 @@ class DALILoader:
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
-        import_dali()
         augment.validate()
-        paths, labels = list_images(data.path)
+        paths, labels = list_images(data.path)  # a bad path is named before DALI is needed
+        import_dali()
         # DALI stops at a file it cannot decode, naming none: check the list first (cached)
         self.images = verify_images(paths, labels, data.on_bad_image, data.num_workers, name=str(data.path))
         self.paths, self.labels = self.images.paths, self.images.labels
@@ -219,6 +219,10 @@ class DALILoader:
 
     def __len__(self) -> int:
         return self.plan.steps
+
+    def sources(self, epoch: int, step: int, count: int) -> list[np.ndarray]:
+        """pipelines.loader.HasSources: the decoded files of batch `step` of `epoch`."""
+        return decode_sources(self.paths, self.plan.batch_indices(epoch, step)[0], count)
 
     def pipeline(self, first_epoch: int, first_step: int = 0) -> Any:
         """The (unbuilt) DALI pipeline of this rank's steps from first_step of first_epoch on,

@@ -25,6 +25,7 @@ changes pixels), a different world size, and float rounding in GPU kernels.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import queue
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from pipelines.gpu_augment import make_views
+from pipelines.images import decode_rgb
 from pipelines.loader import Batch, DataConfig, LoaderPlan, check_start_step
 from pipelines.policy import AugmentConfig
 from pipelines.prefetch import prefetch
@@ -55,17 +57,26 @@ def require_ffcv() -> None:
         raise ImportError(f"{INSTALL_HINT} ({err})") from err
 
 
+FIX_BETON = "write it with `fastbyol convert SRC OUT.beton`"
+
+
+def check_beton_path(path: str) -> None:
+    """Raise a one-line error unless `path` is a file: the user's mistake is named before FFCV is
+    needed, whether or not it is installed."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path = {path}: no such file ({FIX_BETON})")
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path = {path} is a directory; the ffcv backend reads one .beton file ({FIX_BETON})")
+
+
 def check_beton(path: str) -> None:
     """Raise a one-line ValueError / FileNotFoundError unless `path` is a whole FFCV .beton: a
     file, with FFCV's format version, and header, field table, metadata and every sample's bytes
     inside the file (a copy cut short fails here, not deep inside FFCV)."""
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
 
-    fix = "write it with `fastbyol convert SRC OUT.beton`"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data.path = {path}: no such file ({fix})")
-    if not os.path.isfile(path):
-        raise ValueError(f"data.path = {path} is a directory; the ffcv backend reads one .beton file ({fix})")
+    check_beton_path(path)
+    fix = FIX_BETON
     size = os.path.getsize(path)
     if size < HeaderType.itemsize:
         raise ValueError(f"{path} is not an FFCV .beton: {size} bytes, shorter than its header ({fix})")
@@ -117,6 +128,7 @@ class FFCVLoader:
 
     def __init__(self, data: DataConfig, augment: AugmentConfig, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        check_beton_path(str(data.path))
         require_ffcv()
         import numba
         from ffcv.fields.basics import IntDecoder
@@ -139,6 +151,7 @@ class FFCVLoader:
                 f"{self.path}: fields {sorted(fields)}; expected 'image' and 'label' "
                 "(write the file with `fastbyol convert`)"
             )
+        self._reader, self._image_field = reader, f"f{list(fields).index('image')}"  # sources()
         quasi = data.ffcv.order == "quasi_random"
         self.plan = LoaderPlan.of(data, int(reader.num_samples), rank, world_size, seed, rank_blocks=quasi)
         self.batch_size = self.plan.batch_size
@@ -181,6 +194,23 @@ class FFCVLoader:
                              2 * self.batch_size)
         b = self.batch_size
         return [pad_last_batch(order[i * b:(i + 1) * b], order, b) for i in range(start_step, self.plan.steps)]
+
+    def sources(self, epoch: int, step: int, count: int) -> list[np.ndarray]:
+        """pipelines.loader.HasSources: the images of batch `step` of `epoch` as the file stores them
+        (its raw pixels, or its JPEG bytes decoded by PIL), read from the file without FFCV's loader."""
+        return [self._stored_image(int(i)) for i in self.batch_indices(epoch, step)[0][:count]]
+
+    def _stored_image(self, index: int) -> np.ndarray:
+        from ffcv.fields.rgb_image import IMAGE_MODES
+
+        meta = self._reader.metadata[index][self._image_field]
+        h, w, start = int(meta["height"]), int(meta["width"]), int(meta["data_ptr"])
+        data = np.memmap(self.path, np.uint8, mode="r")
+        if meta["mode"] == IMAGE_MODES["raw"]:
+            return np.array(data[start:start + h * w * 3]).reshape(h, w, 3)
+        table = self._reader.alloc_table
+        size = int(table["size"][table["ptr"] == start][0])
+        return np.asarray(decode_rgb(io.BytesIO(data[start:start + size].tobytes())))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield Batch(view1, view2, labels) for steps start_step..len(self)-1 of `epoch`.

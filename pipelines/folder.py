@@ -73,7 +73,7 @@ class TwoCropFolder(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(view1, view2, label): views are uint8 (3, S, S) with S = each policy's crop_size."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, label = self._load(index)
+        image, label = self.load(index)
         views = []
         for k, policy in enumerate(self.policies, start=1):
             rng = numpy_rng(self.seed, epoch, index, k)
@@ -84,7 +84,7 @@ class TwoCropFolder(Dataset):
             views.append(torch.from_numpy(crop).permute(2, 0, 1).contiguous())
         return views[0], views[1], label
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Image.Image, int]:
         """The image at `index`, or (skip mode) the next readable one after it, with its label."""
         n = len(self.paths)
         for offset in range(n):
@@ -131,6 +131,10 @@ class FolderLoader:
         """
         batches = self.plan.batch_indices(epoch, start_step)  # checks start_step before iterating
         return self._iterate(epoch, start_step, batches)
+
+    def sources(self, epoch: int, step: int, count: int) -> list[np.ndarray]:
+        """pipelines.loader.HasSources: the images of batch `step` of `epoch` (a bad one replaced as in training)."""
+        return [np.asarray(self.dataset.load(int(i))[0]) for i in self.plan.batch_indices(epoch, step)[0][:count]]
 
     def _iterate(self, epoch: int, start_step: int, batches: list[np.ndarray]) -> Iterator[Batch]:
         if not batches:

@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from pipelines.images import load_rgb
 from pipelines.params import at_least, check_fields, choice, in_range
 from pipelines.sharding import rank_batches, steps_per_epoch
 
@@ -34,6 +35,21 @@ class TwoViewLoader(Protocol):
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+class HasSources(Protocol):
+    """A loader that reads stored images (folder, ffcv, dali; not synthetic) also gives them back
+    as stored, for a person to look at beside the views (fastbyol.views)."""
+
+    def sources(self, epoch: int, step: int, count: int) -> list[np.ndarray]:
+        """The first `count` images of this rank's batch `step` of `epoch`, in batch order, as
+        stored: (H, W, 3) uint8 each."""
+        ...
+
+
+def decode_sources(paths: list[str], indices: np.ndarray, count: int) -> list[np.ndarray]:
+    """`sources` for the backends that read image files: the files' decoded pixels."""
+    return [load_rgb(paths[int(i)]) for i in indices[:count]]
 
 
 @dataclass

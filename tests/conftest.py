@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,29 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+# The optional backends: a test marked with one skips, saying how to install it, where it is missing.
+# Only a missing package skips; an installed one that fails to import fails its tests.
+OPTIONAL_BACKENDS = {
+    "ffcv": ("ffcv", "FFCV 1.0.2 is not installed (bash tools/install_ffcv.sh)"),
+    "dali": ("nvidia.dali", "NVIDIA DALI is not installed (pip install -e '.[dali]')"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (nvidia) is missing
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, (module, reason) in OPTIONAL_BACKENDS.items():
+        if _installed(module):
+            continue
+        for item in items:
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def _single_torch_thread():

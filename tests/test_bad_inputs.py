@@ -7,6 +7,7 @@ stderr that starts with "error:" and names the file, and the text of the message
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from fastbyol.cli import error_line, main
 from pipelines.sources import class_map_path
@@ -44,7 +46,6 @@ def run_train(config: Path, tmp_path: Path, capsys, *overrides: str) -> str:
 @pytest.fixture(scope="module")
 def beton(tmp_path_factory) -> Path:
     """A whole 8-image .beton written by FFCV's writer."""
-    pytest.importorskip("ffcv")
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -61,6 +62,7 @@ def beton(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.ffcv
 def test_a_garbage_beton_is_named_in_one_line(tmp_path, empty_config, capsys, beton):
     bad = tmp_path / "garbage.beton"
     bad.write_bytes(np.random.default_rng(0).bytes(5000))
@@ -68,6 +70,7 @@ def test_a_garbage_beton_is_named_in_one_line(tmp_path, empty_config, capsys, be
     assert f"{bad} is not an FFCV" in line and "fastbyol convert" in line
 
 
+@pytest.mark.ffcv
 def test_a_truncated_beton_is_named_in_one_line(tmp_path, empty_config, capsys, beton):
     cut = tmp_path / "cut.beton"
     cut.write_bytes(beton.read_bytes()[: beton.stat().st_size // 2])
@@ -75,6 +78,7 @@ def test_a_truncated_beton_is_named_in_one_line(tmp_path, empty_config, capsys, 
     assert f"{cut} is truncated or damaged" in line
 
 
+@pytest.mark.ffcv
 def test_a_directory_given_as_beton_is_named_in_one_line(tmp_path, empty_config, capsys, beton):
     folder = tmp_path / "imagenet.beton"
     folder.mkdir()
@@ -82,6 +86,7 @@ def test_a_directory_given_as_beton_is_named_in_one_line(tmp_path, empty_config,
     assert f"{folder} is a directory" in line
 
 
+@pytest.mark.ffcv
 def test_a_whole_beton_still_trains(tmp_path, empty_config, beton, one_thread):
     assert main(["train", str(empty_config), *TINY, f"train.run_dir={tmp_path / 'run'}", "data.backend=ffcv",
                  f"data.path={beton}"]) == 0
@@ -114,6 +119,42 @@ def test_error_line_takes_the_error_out_of_a_worker_traceback():
 def test_convert_exits_2_on_bad_input_like_train(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out.beton")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend,name,what", [("ffcv", "missing.beton", "no such file"),
+                                               ("ffcv", "a_folder.beton", "is a directory"),
+                                               ("dali", "missing_folder", "missing_folder")])
+def test_a_bad_data_path_is_named_whether_or_not_the_backend_is_installed(tmp_path, empty_config, capsys,
+                                                                            backend, name, what):
+    """The user's mistake comes first: a fresh machine without FFCV or DALI must not answer a
+    wrong path with an install hint (issue 21)."""
+    path = tmp_path / name
+    if name == "a_folder.beton":
+        path.mkdir()
+    line = run_train(empty_config, tmp_path, capsys, f"data.backend={backend}", f"data.path={path}")
+    assert str(path) in line and what in line and "install" not in line
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def test_without_the_backend_a_good_path_says_what_to_install(tmp_path, empty_config, capsys):
+    """Where a backend is missing and the input is fine, the one line says how to install it."""
+    (tmp_path / "ok.beton").write_bytes(b"FFCV would read this")
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "c0" / "0.png")
+    cases = [("ffcv", "ffcv", tmp_path / "ok.beton", "install_ffcv.sh"),
+             ("dali", "nvidia.dali", tmp_path / "images", "nvidia-dali")]
+    missing = [case for case in cases if not importable(case[1])]
+    if not missing:
+        pytest.skip("FFCV and DALI are both installed: nothing to check")
+    for backend, _, path, hint in missing:
+        line = run_train(empty_config, tmp_path, capsys, f"data.backend={backend}", f"data.path={path}")
+        assert hint in line, line
 
 
 def test_convert_help_names_the_class_map_it_writes(capsys):

@@ -73,13 +73,13 @@ def read_beton(path: Path) -> list[tuple[np.ndarray, int]]:
 
 @pytest.fixture(scope="module")
 def converted(tree, tmp_path_factory):
-    pytest.importorskip("ffcv")
     out = tmp_path_factory.mktemp("out") / "train.beton"
     summary = convert_mod.convert(tree["root"], out, write_mode="raw", num_workers=2,
                                   progress=False)
     return out, summary
 
 
+@pytest.mark.ffcv
 def test_counts_class_map_and_bad_file(tree, converted):
     out, summary = converted
     assert summary.images == len(tree["expected"]) == 7
@@ -94,6 +94,7 @@ def test_counts_class_map_and_bad_file(tree, converted):
     assert tree["bad"] in summary.report()
 
 
+@pytest.mark.ffcv
 def test_raw_pixels_and_labels_match_the_sources(tree, converted):
     out, _ = converted
     samples = read_beton(out)
@@ -115,18 +116,18 @@ def test_raw_pixels_and_labels_match_the_sources(tree, converted):
             np.testing.assert_array_equal(img, truth, err_msg=path)
 
 
+@pytest.mark.ffcv
 def test_bad_file_fatal_leaves_no_beton(tree, tmp_path):
-    pytest.importorskip("ffcv")
     out = tmp_path / "x.beton"
     with pytest.raises(BadImageError, match="truncated.JPEG"):
         convert_mod.convert(tree["root"], out, on_bad_image="error", num_workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.ffcv
 def test_interrupted_write_leaves_no_beton(tree, tmp_path, monkeypatch):
     """A failure in a writer process mid-way (here: a file that passed the check but fails
     when read) aborts the conversion, names the file, and removes the temporary file."""
-    pytest.importorskip("ffcv")
     from pipelines import ffcv_writer
 
     real = ffcv_writer.load_rgb
@@ -144,6 +145,7 @@ def test_interrupted_write_leaves_no_beton(tree, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.ffcv
 def test_flat_val_with_csv_and_train_class_map(tree, converted, tmp_path, capsys):
     """ImageNet val as Kaggle ships it: flat folder + LOC_val_solution.csv two levels up."""
     out, _ = converted

@@ -21,19 +21,18 @@ from PIL import Image
 from pipelines import AugmentConfig, DataConfig, ViewPolicy, gpu_augment
 from pipelines.policy import GRAY_WEIGHTS
 
+pytestmark = pytest.mark.dali  # the whole module exercises DALI: skipped without it (conftest.py)
 S = 16  # view side: tiny images keep every test fast
 N = 256  # samples for statistics: a proportion's standard error is <= 0.031
 
 
 def dali_module():
-    pytest.importorskip("nvidia.dali")
     import pipelines.dali as dali
 
     return dali
 
 
 def augment_ops():
-    pytest.importorskip("nvidia.dali")
     import pipelines.dali_augment as ops
 
     return ops
@@ -370,7 +369,6 @@ def two_sample_ks(a: np.ndarray, b: np.ndarray) -> float:
 def test_dali_and_gpu_augment_agree_on_the_same_images(tmp_path):
     """The full T' policy (crop pinned) on one image through both backends: the distributions
     of per-view statistics agree (two-sample KS at the 0.1% level) and the rates match."""
-    pytest.importorskip("nvidia.dali")
     rng = np.random.default_rng(4)
     img = np.clip(gradient() + rng.integers(-40, 40, (S, S, 3)), 0, 255).astype(np.uint8)
     policy = replace(AugmentConfig().view2, crop_size=S, crop_scale=(1.0, 1.0),
@@ -403,7 +401,6 @@ def test_jitter_order_is_random_per_image_as_in_gpu_augment(tmp_path):
     level gaps whenever nothing clips, while brightness then contrast always clips black or
     white first and changes it. The share of images keeping the ratio (about 0.2 for a random
     order, 0 or about 0.4 for a fixed one) must match the torch path's."""
-    pytest.importorskip("nvidia.dali")
     img = np.zeros((S, S, 3), np.uint8)
     img[:, 5:11], img[:, 11:] = 128, 255
     policy = only(jitter_p=1.0, brightness=0.05, contrast=0.4)

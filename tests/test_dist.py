@@ -479,7 +479,7 @@ def test_only_rank0_writes_files(two_ranks):
     assert [r["rc"] for r in results(two_ranks)] == [0, 0]
     assert list((two_ranks / "rank1").iterdir()) == []
     written = {p.name for p in (two_ranks / "rank0" / "run").iterdir()}
-    assert written == {".lock", "config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt",
+    assert written == {".lock", "config.yaml", "metrics.jsonl", "metrics.png", "encoder.pt", "views.png",
                        f"checkpoint_{RUN_CKPT:09d}.pt", f"checkpoint_{RUN_STEPS:09d}.pt"}
     # one line per step: no second writer appended to metrics.jsonl
     assert len((two_ranks / "rank0" / "run" / "metrics.jsonl").read_text().splitlines()) == RUN_STEPS

@@ -13,6 +13,7 @@ from pipelines.crops import sample_crop
 from pipelines.loader import LoaderPlan
 from pipelines.policy import AugmentConfig
 
+pytestmark = pytest.mark.ffcv  # the whole module exercises FFCV: skipped without it (conftest.py)
 N = 24  # images in the test beton; label i = sample index i
 BATCH = 6
 CROP = 16
@@ -31,7 +32,6 @@ def _sizes(i: int) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def beton(tmp_path_factory) -> str:
     """N ramp images written with FFCV's own writer, half JPEG and half raw, label = index."""
-    pytest.importorskip("ffcv")
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -90,7 +90,6 @@ class _FakeRng:
 
 def test_decoder_torchvision_crop_is_sample_crop():
     """The numba torchvision sampler is the reference algorithm (pipelines.crops.sample_crop)."""
-    pytest.importorskip("ffcv")
     from pipelines.ffcv_decode import DRAWS, crop_from_uniforms
 
     rng = np.random.default_rng(0)
@@ -110,7 +109,6 @@ def test_decoder_torchvision_crop_is_sample_crop():
 
 
 def test_decoder_official_crop_is_sample_crop():
-    pytest.importorskip("ffcv")
     from pipelines.ffcv_decode import official_crop_from_uniforms
 
     rng = np.random.default_rng(0)
@@ -123,7 +121,6 @@ def test_decoder_official_crop_is_sample_crop():
 
 
 def test_uniforms_are_keyed_and_uniform():
-    pytest.importorskip("ffcv")
     from pipelines.ffcv_decode import fill_uniforms
 
     a, b, c = np.empty(4000), np.empty(4000), np.empty(4000)
@@ -321,7 +318,6 @@ def _photo(i: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def photo_beton(tmp_path_factory) -> str:
     """The photos stored raw (exact pixels), so that only the crop resize can differ."""
-    pytest.importorskip("ffcv")
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

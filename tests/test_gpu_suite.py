@@ -184,6 +184,7 @@ def test_step_time_against_batch_is_written_as_it_is_measured(tiny_run):
         assert p["error"] is None and p["step_time_s"] * p["images_per_sec"] == pytest.approx(p["batch"])
 
 
+@pytest.mark.backends
 def test_peers_and_loader_stages(tiny_run):
     final = tiny_run[0]
     contenders = {c["name"]: c for c in final["peers"]["result"]["contenders"]}
@@ -193,7 +194,7 @@ def test_peers_and_loader_stages(tiny_run):
         assert contenders[peer]["status"] in ("ok", "not installed", "not importable")
     loader = final["loader"]["result"]
     assert loader["images"]["images"] == TINY.images and loader["images"]["mean_kb"] > 0
-    assert set(loader["backends"]) == {"folder", "ffcv"}
+    assert set(loader["backends"]) == {"folder", "ffcv"}  # measured, or the reason it is not
     dali = final["dali"]["result"]
     runs = {**loader["backends"], **dali.get("backends", {})}
     measured = {b: r for b, r in runs.items() if "error" not in r}

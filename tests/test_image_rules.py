@@ -63,6 +63,7 @@ def test_a_link_loop_is_not_followed_and_each_real_file_is_indexed_once(looped):
     assert "selfloop" in message and "up" in message and "again.png" in message, message
 
 
+@pytest.mark.dali
 def test_convert_and_the_dali_list_index_the_same_files(looped, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     from pipelines.sources import scan_source
@@ -72,8 +73,7 @@ def test_convert_and_the_dali_list_index_the_same_files(looped, tmp_path, monkey
         folder = find_images(looped)[0]
         converted = scan_source(looped)[0]
     assert converted == folder
-    dali = pytest.importorskip("pipelines.dali")
-    pytest.importorskip("nvidia.dali")
+    from pipelines import dali
     from pipelines.loader import DataConfig
     from pipelines.policy import AugmentConfig
 
@@ -109,11 +109,10 @@ def whole_image_views(folder: Path, side: int, tmp_path: Path, monkeypatch) -> n
     off and the crop pinned to the whole image: the decoded pixels, as values in [0, 255]."""
     from dataclasses import replace
 
+    from pipelines import dali
     from pipelines.loader import DataConfig
     from pipelines.policy import AugmentConfig, ViewPolicy
 
-    dali = pytest.importorskip("pipelines.dali")
-    pytest.importorskip("nvidia.dali")
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     off = replace(ViewPolicy(), crop_size=side, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
                   jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -123,6 +122,7 @@ def whole_image_views(folder: Path, side: int, tmp_path: Path, monkeypatch) -> n
     return torch.cat([b.view1 for b in batches]).permute(0, 2, 3, 1).numpy() * 255
 
 
+@pytest.mark.dali
 def test_dali_decodes_a_16_bit_png_as_the_folder_path_does(tmp_path, monkeypatch):
     (tmp_path / "data" / "c0").mkdir(parents=True)
     values = gray16(tmp_path / "data" / "c0" / "g16.png", side=16)
@@ -152,6 +152,7 @@ def left_minus_right(image: np.ndarray) -> float:
     return float(image[:, :half].mean() - image[:, half:].mean())
 
 
+@pytest.mark.dali
 def test_exif_orientation_is_ignored_on_every_path(tmp_path, monkeypatch):
     path = tmp_path / "data" / "c0" / "rotated.jpg"
     rotated_jpeg(path)

@@ -23,7 +23,7 @@ LAZY = {
        for m in ("fastbyol.config", "fastbyol.dist", "fastbyol.train", "fastbyol.profile", "fastbyol.export",
                  "fastbyol.finetune", "fastbyol.knn", "fastbyol.linear", "fastbyol.results",
                  "fastbyol.models.resnet", "pipelines.convert", "pipelines.labelled", "fastbyol.atomic",
-                 "fastbyol.checkpoint")},
+                 "fastbyol.checkpoint", "fastbyol.views")},
     ("pipelines.ffcv", "pipelines.ffcv_decode"): "an optional backend: ffcv_decode imports ffcv and numba at module "
                                                  "level, and `import pipelines` must work without them",
     ("pipelines.convert", "pipelines.ffcv_writer"): "an optional backend: ffcv_writer imports ffcv at module level, "

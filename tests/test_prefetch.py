@@ -82,8 +82,8 @@ def test_folder_batches_equal_the_serial_path(tmp_path):
         _equal(list(loader.epoch(1, start)), serial)
 
 
+@pytest.mark.ffcv
 def test_ffcv_batches_equal_the_serial_path(tmp_path):
-    pytest.importorskip("ffcv")
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

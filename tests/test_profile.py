@@ -13,8 +13,10 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastbyol import cli
 from fastbyol.config import load_config
@@ -129,7 +131,14 @@ def test_unavailable_backend_is_a_one_line_error(config, tmp_path, monkeypatch, 
     # CI may have the backend installed: make its import fail the way a missing package does.
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, f"{module}.loader" if backend == "ffcv" else f"{module}.plugin.pytorch", None)
-    code = cli.main(["profile", str(config), f"data.backend={backend}", f"data.path={tmp_path / 'data'}"])
+    # a path that exists: a missing one is named first, backend or not (test_bad_inputs.py)
+    path = tmp_path / ("data.beton" if backend == "ffcv" else "data")
+    if backend == "ffcv":
+        path.write_bytes(b"FFCV would read this")
+    else:
+        (path / "c0").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path / "c0" / "0.png")
+    code = cli.main(["profile", str(config), f"data.backend={backend}", f"data.path={path}"])
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("error:")

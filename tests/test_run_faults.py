@@ -218,7 +218,7 @@ def test_a_full_disk_is_one_line_and_the_files_stay_whole(tmp_path, capsys, smal
     assert f"the newest whole checkpoint is {disk / 'run' / 'checkpoint_000000001.pt'}" in err[0]
     assert checkpoint.load_weights(disk / "run" / "checkpoint_000000001.pt")["step"] == 1
     assert sorted(p.name for p in (disk / "run").iterdir()) == [".lock", "checkpoint_000000001.pt", "config.yaml",
-                                                               "metrics.jsonl"]  # no temporary file left
+                                                               "metrics.jsonl", "views.png"]  # no temporary file left
 
 
 def test_an_enospc_injected_at_the_write_is_named_and_the_old_file_stays(tmp_path, monkeypatch):

@@ -67,6 +67,9 @@ def _profile_backends(ctx: Context, backends: tuple[str, ...]) -> dict[str, Any]
                               "batch": s.batch, "backends": {}}
     ctx.save(result)
     beton = work / "images.beton"
+    if "ffcv" in backends and importlib.util.find_spec("ffcv") is None:
+        result["backends"]["ffcv"] = {"error": "ffcv is not installed (bash tools/install_ffcv.sh)"}
+        backends = tuple(b for b in backends if b != "ffcv")
     if "ffcv" in backends and not beton.exists():
         t = time.perf_counter()
         code = cli.main(["convert", str(images), str(beton), "--max-res", str(s.max_res),
@@ -90,7 +93,7 @@ def _profile_backends(ctx: Context, backends: tuple[str, ...]) -> dict[str, Any]
                                                                "optimizer_ema_share", "verdict", "evidence")}
             for figure in ("loader", "model", "end_to_end"):
                 result["backends"][backend][figure] = run[figure]["images_per_sec"]
-        except (ConfigError, ImportError, RuntimeError) as e:
+        except (ConfigError, ImportError, OSError, RuntimeError) as e:  # one backend's failure, in one line
             result["backends"][backend] = {"error": str(e).splitlines()[0][:300]}
         ctx.save(result)
     return result
