@@ -216,7 +216,7 @@ class Options:
     # backward all-reduce of 2C float32; "all_reduce": one all-reduce of (sum x, sum x^2, count) in
     # float64 each way and no host sync (CPUSyncBatchNorm's collectives, on GPUs a proposal)
     bn_collective: str = "all_gather"
-    broadcast_buffers: bool = True  # DDP's default
+    broadcast_buffers: bool = False  # DDP's buffer broadcast before each forward: torch's default, off in fastbyol (SyncBN makes it redundant)
     log_every: int = 20
 
 
@@ -317,7 +317,7 @@ def variants_table(comm: StepComm, concat: StepComm | None, compute: Compute, ne
                    global_batch: int) -> str:
     """images/s at the global batch for each knob, side by side."""
     variants = [("global SyncBN (paper; torch all-gather)", comm, Options()),
-                ("+ no buffer broadcast", comm, Options(broadcast_buffers=False)),
+                ("+ DDP's buffer broadcast (torch's default; off in fastbyol)", comm, Options(broadcast_buffers=True)),
                 ("BN groups of 8 (one node)", comm, Options(group=8)),
                 ("global SyncBN, one all-reduce per call", comm, Options(bn_collective="all_reduce")),
                 ("per-GPU BN (dist.sync_bn=false)", comm, Options(sync_bn=False))]
