@@ -53,10 +53,11 @@ def test_sweep_fit_recovers_a_line(tmp_path):
 def test_every_blocking_collective_adds_its_cost():
     c = comm(forward=10, backward=6, buffers=100)
     compute = sm.Compute(1.0, 0.0, "test")
-    s = sm.step_time(c, compute, 8, 4, flat(0.01), sm.Options(log_every=2))
+    s = sm.step_time(c, compute, 8, 4, flat(0.01), sm.Options(log_every=2, broadcast_buffers=True))
     assert s.terms["syncbn_forward"] == pytest.approx(10 * (0.01 + sm.FIGURES["host_sync"][0]))
     assert s.terms["syncbn_backward"] == pytest.approx(6 * 0.01)
     assert s.terms["buffers"] == pytest.approx(0.01) and s.terms["loop"] == pytest.approx(2 * 0.01 / 2)
+    assert sm.step_time(c, compute, 8, 4, flat(0.01), sm.Options()).terms["buffers"] == 0.0  # fastbyol's DDP
     assert s.terms["ddp_exposed"] == 0
     assert sm.step_time(c, compute, 8, 4, flat(0.0)).total == pytest.approx(1.0 + 10 * sm.FIGURES["host_sync"][0])
     # per-GPU BatchNorm: no BN collective at all; one rank: nothing but compute
