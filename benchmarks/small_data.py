@@ -58,6 +58,22 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
                                                  "augment.view2.solarize_p=0"], "no blur, no solarize"),
     "a4_brightness_contrast_only": (QUICK, QUICK_HERE + MINIMAL_COLOUR,
                                     "views: crop + flip + brightness/contrast jitter only (the minimal BYOL's)"),
+    "a5_eta_2e-2": (QUICK, QUICK_HERE + ["optim.eta=0.02"],
+                    "LARS trust coefficient 0.02 (solo-learn's CIFAR value) instead of the paper's 1e-3: 20x the weights' step"),
+    "a6_lr_0.05_eta_1e-2": (QUICK, QUICK_HERE + ["optim.lr=0.05", "optim.eta=0.01"],
+                            "the biases' and BatchNorm's lr / 10 (0.05), the weights' step unchanged (lr x eta = 5e-4)"),
+    "a7_sgd_lr_0.05": (QUICK, QUICK_HERE + ["optim.lars=false", "optim.lr=0.05"],
+                       "plain SGD with momentum 0.9 (optim.lars=false: no trust ratio), lr 0.05 (the minimal BYOL's)"),
+    "a8_epochs_12": (QUICK, QUICK_HERE + ["train.epochs=12", "eval.knn_every=3"],
+                     "12 epochs instead of 2 (kNN every 3 epochs: the curve), the most r0's steps the budget allows"),
+    "a9_crops_0.5_1": (QUICK, QUICK_HERE + ["augment.view1.crop_scale=[0.5,1.0]", "augment.view2.crop_scale=[0.5,1.0]"],
+                       "crops of 50-100 % of the image instead of 30-100 %"),
+    "a10_crops_0.7_1": (QUICK, QUICK_HERE + ["augment.view1.crop_scale=[0.7,1.0]", "augment.view2.crop_scale=[0.7,1.0]"],
+                        "crops of 70-100 % of the image instead of 30-100 %"),
+    "a11_tau_0.98": (QUICK, QUICK_HERE + ["byol.tau_base=0.98"], "target EMA rate 0.98 at step 0 instead of 0.99"),
+    "a12_batch_128": (QUICK, QUICK_HERE + ["data.batch_size=128", "optim.lr=2.0"],
+                      "batch 128 instead of 32, lr 2.0 instead of 0.5 (scaled with the batch): 4x fewer steps"),
+    "a13_eta_5e-4": (QUICK, QUICK_HERE + ["optim.eta=0.0005"], "LARS trust coefficient 5e-4 instead of 1e-3: half the weights' step"),
 }
 
 

@@ -143,14 +143,15 @@ def split_decay_params(
     return decay, no_decay
 
 
-def param_groups(model: BYOL, weight_decay: float) -> list[dict]:
+def param_groups(model: BYOL, weight_decay: float, lars: bool = True) -> list[dict]:
     """Optimizer groups over the online parameters, with the paper's exclusions.
 
     Weights get `weight_decay` and the LARS trust ratio; biases and BatchNorm parameters get
     neither (weight_decay 0.0, lars_exclude True). Target parameters are never included.
+    lars=False: no group gets the trust ratio (LARS then steps as SGD with momentum).
     """
     decay, no_decay = split_decay_params(model.online_named_parameters())
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
     ]

@@ -75,6 +75,7 @@ class OptimConfig:
     momentum: float = param(0.9, lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
     weight_decay: float = at_least(1.5e-6, 0.0, ">= 0")  # on conv/linear weights only (biases and BN excluded)
     eta: float = param(1e-3, lambda v: v > 0, "a positive trust coefficient")  # LARS trust coefficient (biases and BN excluded from adaptation)
+    lars: bool = True  # false: no trust ratio on any group (plain SGD with momentum; weight decay as above)
     warmup_epochs: float = at_least(10.0, 0.0, ">= 0")  # linear warm-up, then cosine decay to 0
 
     def validate(self) -> None:

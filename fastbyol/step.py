@@ -83,7 +83,7 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay), lr=peak_lr, momentum=cfg.optim.momentum,
+    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay, cfg.optim.lars), lr=peak_lr, momentum=cfg.optim.momentum,
                      eta=cfg.optim.eta)
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol

@@ -10,6 +10,7 @@ Their speed is measured by benchmarks/gpu_suite.py on a GPU; here only what they
 
 from __future__ import annotations
 
+import copy
 import tempfile
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as tdist
 
 from fastbyol import dist
-from fastbyol.byol import BYOL
+from fastbyol.byol import BYOL, param_groups
 from fastbyol.config import ConfigError, load_config
 from fastbyol.step import build_components, train_step
 
@@ -132,3 +133,26 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
             torch.ones(1).item()  # the patch is in force
         out = train_step(c, view1, view2, 0.1, 0.99)
     assert out.loss.item() < before + 1.0 and torch.isfinite(out.loss)
+
+
+def test_optim_lars_false_steps_as_torch_sgd_with_momentum_on_the_same_groups():
+    """optim.lars=false: no trust ratio on any group, so the optimizer build_components makes takes the
+    steps of torch.optim.SGD (momentum, weight decay on the weights only); eta then plays no part."""
+    cfg = load_config(None, [*TINY, "optim.lars=false", "optim.eta=0.5", "optim.weight_decay=0.01"])
+    c = build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
+    reference = copy.deepcopy(c.byol)
+    sgd = torch.optim.SGD(param_groups(reference, 0.01), lr=0.1, momentum=cfg.optim.momentum)
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.01, 0.0]
+    view1, view2 = views()
+    for _ in range(3):
+        for model, optimizer in ((c.byol, c.optimizer), (reference, sgd)):
+            optimizer.zero_grad()
+            model(view1, view2).loss.backward()
+            optimizer.step()
+    for (name, p), q in zip(c.byol.online_named_parameters(), (q for _, q in reference.online_named_parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # the default (LARS) is a different step: the key is what made them equal
+    lars = build_components(load_config(None, [*TINY, "optim.eta=0.5", "optim.weight_decay=0.01"]),
+                            torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
+    assert [g["lars_exclude"] for g in lars.optimizer.param_groups] == [False, True]
+    assert [g["lars_exclude"] for g in c.optimizer.param_groups] == [True, True]
