@@ -74,9 +74,9 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
     "a12_batch_128": (QUICK, QUICK_HERE + ["data.batch_size=128", "optim.lr=2.0"],
                       "batch 128 instead of 32, lr 2.0 instead of 0.5 (scaled with the batch): 4x fewer steps"),
     "a13_eta_5e-4": (QUICK, QUICK_HERE + ["optim.eta=0.0005"], "LARS trust coefficient 5e-4 instead of 1e-3: half the weights' step"),
-    # from configs/small.yaml rather than r0: its best change, and the spread between seeds
-    "s1_small_eta_5e-4": (SMALL, ["optim.eta=0.0005"], "configs/small.yaml with LARS eta 5e-4 (a13's change)"),
-    "s2_small_seed_1": (SMALL, ["train.seed=1"], "configs/small.yaml with train.seed 1 (init, order, views)"),
+    # s0: small.yaml before its eta became 5e-4 (a9's crops at 12 epochs, the paper's eta), and its second seed
+    "s0_crops_0.5_1_epochs_12": (SMALL, ["optim.eta=0.001"], "a9's crops 0.5-1 at 12 epochs, LARS eta 1e-3"),
+    "s0_seed_1": (SMALL, ["optim.eta=0.001", "train.seed=1"], "s0 with train.seed 1 (init, order, views)"),
 }
 
 
