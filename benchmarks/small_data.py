@@ -77,6 +77,14 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
     # s0: small.yaml before its eta became 5e-4 (a9's crops at 12 epochs, the paper's eta), and its second seed
     "s0_crops_0.5_1_epochs_12": (SMALL, ["optim.eta=0.001"], "a9's crops 0.5-1 at 12 epochs, LARS eta 1e-3"),
     "s0_seed_1": (SMALL, ["optim.eta=0.001", "train.seed=1"], "s0 with train.seed 1 (init, order, views)"),
+    # one change each from small (configs/small.yaml)
+    "b1_eta_2.5e-4": (SMALL, ["optim.eta=0.00025"], "small with LARS eta 2.5e-4: half small's weight step"),
+    "b2_eta_1e-4": (SMALL, ["optim.eta=0.0001"], "small with LARS eta 1e-4: a fifth of small's weight step"),
+    "b3_predictor_lr_x10": (SMALL, ["optim.predictor_lr_scale=10"],
+                            "small with the predictor at 10x the lr (DirectPred: a predictor that follows faster)"),
+    "b4_weight_decay_1e-4": (SMALL, ["optim.weight_decay=0.0001"], "small with weight decay 1e-4 instead of 1e-5"),
+    "c1_pred_x10_epochs_16": (SMALL, ["optim.predictor_lr_scale=10", "train.epochs=16"], "b3 at 16 epochs"),
+    "c1_seed_1": (SMALL, ["optim.predictor_lr_scale=10", "train.epochs=16", "train.seed=1"], "c1 with train.seed 1"),
 }
 
 

@@ -143,15 +143,26 @@ def split_decay_params(
     return decay, no_decay
 
 
-def param_groups(model: BYOL, weight_decay: float, lars: bool = True) -> list[dict]:
+def param_groups(model: BYOL, weight_decay: float, lars: bool = True, predictor_lr_scale: float = 1.0) -> list[dict]:
     """Optimizer groups over the online parameters, with the paper's exclusions.
 
     Weights get `weight_decay` and the LARS trust ratio; biases and BatchNorm parameters get
     neither (weight_decay 0.0, lars_exclude True). Target parameters are never included.
     lars=False: no group gets the trust ratio (LARS then steps as SGD with momentum).
+    predictor_lr_scale != 1: the predictor's parameters get their own two groups whose
+    "lr_scale" multiplies the scheduled lr (train_step applies it); at 1 there are just the two
+    groups above, as in the paper, so existing checkpoints' optimizer states still load.
     """
-    decay, no_decay = split_decay_params(model.online_named_parameters())
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
-    ]
+    if predictor_lr_scale == 1.0:
+        named = [model.online_named_parameters()]
+        scales = [1.0]
+    else:
+        named = [((n, p) for n, p in model.online_named_parameters() if not n.startswith("predictor.")),
+                 model.predictor.named_parameters(prefix="predictor")]
+        scales = [1.0, predictor_lr_scale]
+    groups = []
+    for params, scale in zip(named, scales):
+        decay, no_decay = split_decay_params(params)
+        groups += [{"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": scale}]
+    return groups

@@ -76,6 +76,7 @@ class OptimConfig:
     weight_decay: float = at_least(1.5e-6, 0.0, ">= 0")  # on conv/linear weights only (biases and BN excluded)
     eta: float = param(1e-3, lambda v: v > 0, "a positive trust coefficient")  # LARS trust coefficient (biases and BN excluded from adaptation)
     lars: bool = True  # false: no trust ratio on any group (plain SGD with momentum; weight decay as above)
+    predictor_lr_scale: float = param(1.0, lambda v: v > 0, "a positive factor")  # the predictor's lr = this x the scheduled lr (1: the paper)
     warmup_epochs: float = at_least(10.0, 0.0, ">= 0")  # linear warm-up, then cosine decay to 0
 
     def validate(self) -> None:

@@ -83,8 +83,8 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(byol, cfg.optim.weight_decay, cfg.optim.lars), lr=peak_lr, momentum=cfg.optim.momentum,
-                     eta=cfg.optim.eta)
+    groups = param_groups(byol, cfg.optim.weight_decay, cfg.optim.lars, cfg.optim.predictor_lr_scale)
+    optimizer = LARS(groups, lr=peak_lr, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol
     if cfg.model.compile:
@@ -127,7 +127,7 @@ def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: floa
     """One BYOL step: forward + backward of the symmetric loss, LARS at `lr`, EMA at `tau`.
     Views: float (B, 3, H, W) on the model's device. Reads no tensor on the host."""
     for group in c.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with c.autocast():
         out = c.model(view1, view2)
     if c.scaler is not None:

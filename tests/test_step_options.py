@@ -156,3 +156,28 @@ def test_optim_lars_false_steps_as_torch_sgd_with_momentum_on_the_same_groups():
                             torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
     assert [g["lars_exclude"] for g in lars.optimizer.param_groups] == [False, True]
     assert [g["lars_exclude"] for g in c.optimizer.param_groups] == [True, True]
+
+
+def test_predictor_lr_scale_steps_the_predictor_at_that_multiple_of_the_lr():
+    """optim.predictor_lr_scale=10: train_step steps the predictor (weights, biases, BatchNorm) at 10x
+    the scheduled lr and everything else at 1x, as torch.optim.SGD with two hand-made lr groups does."""
+    cfg = load_config(None, [*TINY, "optim.lars=false", "optim.weight_decay=0.01", "optim.predictor_lr_scale=10"])
+    c = build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=0.1)
+    reference = copy.deepcopy(c.byol)
+    named = list(reference.online_named_parameters())
+    groups = [{"params": [p for n, p in named if n.startswith("predictor.") == is_predictor and (p.ndim > 1) == decay],
+               "lr": 0.1 * (10 if is_predictor else 1), "weight_decay": 0.01 if decay else 0.0}
+              for is_predictor in (False, True) for decay in (True, False)]
+    assert sum(len(g["params"]) for g in groups) == len(named) and all(g["params"] for g in groups)
+    sgd = torch.optim.SGD(groups, lr=0.1, momentum=cfg.optim.momentum)
+    view1, view2 = views()
+    for _ in range(3):
+        train_step(c, view1, view2, lr=0.1, tau=1.0)  # tau 1: the target stays as built, as the reference's
+        sgd.zero_grad()
+        reference(view1, view2).loss.backward()
+        sgd.step()
+    for (name, p), q in zip(c.byol.online_named_parameters(), (q for _, q in reference.online_named_parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert sorted(g["lr_scale"] for g in c.optimizer.param_groups) == [1.0, 1.0, 10.0, 10.0]
+    # the paper's default keeps its two groups, so checkpoints written before the key still resume
+    assert len(build_components(load_config(None, TINY), torch.device("cpu"), dist.DistInfo(), 0.1).optimizer.param_groups) == 2
