@@ -322,9 +322,12 @@ class KNNHook:
                      step: int) -> dict[str, float]:
         """The run's end: kNN of the trained encoder next to the same encoder untrained (did the
         pretraining learn?); the trained figures are `last`'s when the last step was evaluated."""
-        now = last if "knn_top1" in last else self.monitor(trained)
+        fresh = "knn_top1" not in last
+        now = self.monitor(trained) if fresh else last
         before = self.monitor(untrained)
-        monitor.note({"step": step, "knn_random_init_top1": before["knn_top1"],
+        # metrics.jsonl gets the trained figures too when the last epoch was not evaluated: its last
+        # knn_top1 is then always the final encoder's, as the summary prints
+        monitor.note({"step": step, **(now if fresh else {}), "knn_random_init_top1": before["knn_top1"],
                       "knn_random_init_top5": before["knn_top5"]})
         return {"trained_top1": now["knn_top1"], "trained_top5": now["knn_top5"],
                 "random_init_top1": before["knn_top1"], "random_init_top5": before["knn_top5"]}

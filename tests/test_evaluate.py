@@ -276,6 +276,15 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
                      "--num-workers", "0", "--out", str(out)]) == 0
     baseline = json.loads(out.read_text())
     assert (end[0]["knn_random_init_top1"], end[0]["knn_random_init_top5"]) == (baseline["top1"], baseline["top5"])
+    # the last epoch not evaluated (every 3rd of 2): the end record still holds the final encoder's kNN,
+    # the one `fastbyol eval knn RUN` computes from encoder.pt
+    unevaluated = tiny_run(tmp_path, demo, knn_every=3)
+    end = [r for r in read_metrics(unevaluated / "metrics.jsonl") if "knn_top1" in r]
+    assert len(end) == 1 and end[0]["step"] == 4 and "knn_random_init_top1" in end[0]
+    assert cli.main(["eval", "knn", str(unevaluated), "--k", "5", "--batch-size", "16", "--num-workers", "0",
+                     "--out", str(out)]) == 0
+    final = json.loads(out.read_text())
+    assert (end[0]["knn_top1"], end[0]["knn_top5"]) == (final["top1"], final["top5"])
     # the evaluation runs the encoder in eval mode, on its own RNG: the run is the same without it
     without = tiny_run(tmp_path, demo, knn_every=0)
     a, b = torch.load(with_knn / "encoder.pt"), torch.load(without / "encoder.pt")
