@@ -87,6 +87,8 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
                             "b0 with the predictor at 10x the lr (DirectPred: a predictor that follows faster)"),
     "b4_weight_decay_1e-4": (SMALL, [*SMALL_B0, "optim.weight_decay=0.0001"], "b0 with weight decay 1e-4 instead of 1e-5"),
     "small_seed_1": (SMALL, ["train.seed=1"], "configs/small.yaml with train.seed 1 (init, order, views)"),
+    "small_seed_2": (SMALL, ["train.seed=2"], "configs/small.yaml with train.seed 2"),
+    "small_seed_3": (SMALL, ["train.seed=3"], "configs/small.yaml with train.seed 3"),
 }
 
 
