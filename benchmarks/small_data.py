@@ -99,6 +99,10 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
        for seed in (1, 0, 3)},
     "c3_eta_1e-3_seed_1": (SMALL, ["optim.eta=0.001", "train.seed=1"],
                            "small with the paper's LARS eta 1e-3 (seed 1): was 5e-4 only a workaround for a lagging predictor?"),
+    # d1: the predictor's lr held at its peak after warm-up (SimSiam's fixed predictor lr), paired seeds
+    **{f"d1_predictor_lr_hold_seed_{seed}": (SMALL, ["optim.predictor_lr_hold=true", f"train.seed={seed}"],
+                                             f"small with the predictor's lr held at its peak after warm-up, no cosine (seed {seed})")
+       for seed in (1, 3, 0, 2)},
     # m: rows for the second data set (--mnist-5k), one change each from small
     "m1_no_flip": (SMALL, ["augment.view1.flip_p=0", "augment.view2.flip_p=0"],
                    "small without horizontal flips (a mirrored digit is another glyph; a mirrored shirt is a shirt)"),

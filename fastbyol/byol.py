@@ -143,17 +143,19 @@ def split_decay_params(
     return decay, no_decay
 
 
-def param_groups(model: BYOL, weight_decay: float, lars: bool = True, predictor_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: BYOL, weight_decay: float, lars: bool = True, predictor_lr_scale: float = 1.0,
+                 predictor_lr_hold: bool = False) -> list[dict]:
     """Optimizer groups over the online parameters, with the paper's exclusions.
 
     Weights get `weight_decay` and the LARS trust ratio; biases and BatchNorm parameters get
     neither (weight_decay 0.0, lars_exclude True). Target parameters are never included.
     lars=False: no group gets the trust ratio (LARS then steps as SGD with momentum).
-    predictor_lr_scale != 1: the predictor's parameters get their own two groups whose
-    "lr_scale" multiplies the scheduled lr (train_step applies it); at 1 there are just the two
-    groups above, as in the paper, so existing checkpoints' optimizer states still load.
+    predictor_lr_scale != 1 or predictor_lr_hold: the predictor's parameters get their own two
+    groups, whose "lr_scale" multiplies the scheduled lr and whose "hold_lr" keeps it at its peak
+    after warm-up (train_step applies both); otherwise there are just the two groups above, as in
+    the paper, so existing checkpoints' optimizer states still load.
     """
-    if predictor_lr_scale == 1.0:
+    if predictor_lr_scale == 1.0 and not predictor_lr_hold:
         named = [model.online_named_parameters()]
         scales = [1.0]
     else:
@@ -161,8 +163,8 @@ def param_groups(model: BYOL, weight_decay: float, lars: bool = True, predictor_
                  model.predictor.named_parameters(prefix="predictor")]
         scales = [1.0, predictor_lr_scale]
     groups = []
-    for params, scale in zip(named, scales):
+    for params, scale, hold in zip(named, scales, [False, predictor_lr_hold]):
         decay, no_decay = split_decay_params(params)
-        groups += [{"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars, "lr_scale": scale},
-                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": scale}]
+        groups += [{"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars, "lr_scale": scale, "hold_lr": hold},
+                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": scale, "hold_lr": hold}]
     return groups

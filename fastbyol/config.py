@@ -77,6 +77,7 @@ class OptimConfig:
     eta: float = param(1e-3, lambda v: v > 0, "a positive trust coefficient")  # LARS trust coefficient (biases and BN excluded from adaptation)
     lars: bool = True  # false: no trust ratio on any group (plain SGD with momentum; weight decay as above)
     predictor_lr_scale: float = param(1.0, lambda v: v > 0, "a positive factor")  # the predictor's lr = this x the scheduled lr (1: the paper)
+    predictor_lr_hold: bool = False  # true: after warm-up the predictor's lr stays at its peak, no cosine (SimSiam's fixed predictor lr)
     warmup_epochs: float = at_least(10.0, 0.0, ">= 0")  # linear warm-up, then cosine decay to 0
 
     def validate(self) -> None:

@@ -206,6 +206,10 @@ class RunPlan:
         """Learning rate of step `step` (0 past the end; see lr_at)."""
         return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
 
+    def held_lr(self, step: int) -> float:
+        """The lr of step `step` held at its peak once warm-up ends (optim.predictor_lr_hold's groups)."""
+        return lr_at(min(step, self.warmup_steps), self.total_steps, self.warmup_steps, self.peak_lr)
+
     def tau(self, step: int) -> float:
         """Target EMA rate of step `step` (1 past the end; see tau_at)."""
         return tau_at(step, self.total_steps, self.tau_base)

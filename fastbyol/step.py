@@ -83,7 +83,8 @@ def build_components(cfg: Config, device: torch.device, info: dist.DistInfo, pea
     byol = byol.to(device)
     if cfg.model.channels_last:
         byol = byol.to(memory_format=torch.channels_last)
-    groups = param_groups(byol, cfg.optim.weight_decay, cfg.optim.lars, cfg.optim.predictor_lr_scale)
+    groups = param_groups(byol, cfg.optim.weight_decay, cfg.optim.lars, cfg.optim.predictor_lr_scale,
+                          cfg.optim.predictor_lr_hold)
     optimizer = LARS(groups, lr=peak_lr, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     ema = TargetEMA(byol.online_network(), byol.target_network())
     model: nn.Module = byol
@@ -123,11 +124,15 @@ def compile_networks(byol: BYOL, mode: str, backend: str) -> None:
     byol._target = torch.compile(byol._target, **options)
 
 
-def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float) -> BYOLOutput:
+def train_step(c: Components, view1: torch.Tensor, view2: torch.Tensor, lr: float, tau: float,
+               held_lr: float | None = None) -> BYOLOutput:
     """One BYOL step: forward + backward of the symmetric loss, LARS at `lr`, EMA at `tau`.
-    Views: float (B, 3, H, W) on the model's device. Reads no tensor on the host."""
+    Groups marked "hold_lr" (optim.predictor_lr_hold) step at `held_lr` instead (RunPlan.held_lr:
+    the schedule held at its peak after warm-up; None: `lr`). Each group's lr is then scaled by its
+    "lr_scale". Views: float (B, 3, H, W) on the model's device. Reads no tensor on the host."""
     for group in c.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        scheduled = held_lr if held_lr is not None and group.get("hold_lr", False) else lr
+        group["lr"] = scheduled * group.get("lr_scale", 1.0)
     with c.autocast():
         out = c.model(view1, view2)
     if c.scaler is not None:

@@ -90,7 +90,7 @@ def measure(cfg: Config, info: dist.DistInfo, device: torch.device, steps: int, 
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
         nonlocal k  # the run's schedules, so lr and tau take the values of a real run (clipped past its end)
-        train_step(c, view1, view2, plan.lr(k), plan.tau(k))
+        train_step(c, view1, view2, plan.lr(k), plan.tau(k), plan.held_lr(k))
         k += 1
 
     views = random_batch(batch, crop, device, seed=cfg.train.seed, rank=info.rank)

@@ -126,7 +126,7 @@ def _run(cfg: Config, info: dist.DistInfo, device: torch.device, loader: pipelin
                 epoch, lr, tau = plan.epoch(step), plan.lr(step), plan.tau(step)
                 if step == start_step and info.is_main:
                     _write_views(cfg, loader, batch, plan, step, run.run_dir, monitor)
-                out = train_step(c, batch.view1, batch.view2, lr, tau)
+                out = train_step(c, batch.view1, batch.view2, lr, tau, plan.held_lr(step))
                 window.add(out.loss, out.cosine, out.collapse_std)
                 step += 1
                 if step_hook is not None:

@@ -181,3 +181,32 @@ def test_predictor_lr_scale_steps_the_predictor_at_that_multiple_of_the_lr():
     assert sorted(g["lr_scale"] for g in c.optimizer.param_groups) == [1.0, 1.0, 10.0, 10.0]
     # the paper's default keeps its two groups, so checkpoints written before the key still resume
     assert len(build_components(load_config(None, TINY), torch.device("cpu"), dist.DistInfo(), 0.1).optimizer.param_groups) == 2
+
+
+def test_predictor_lr_hold_keeps_the_predictors_lr_at_its_peak_after_warm_up():
+    """optim.predictor_lr_hold: through a run's plan (2 warm-up steps, then the cosine), the predictor
+    steps at the warm-up ramp and then at the peak x its scale, the rest at the schedule's lr, as
+    torch.optim.SGD does with two hand-set lr groups."""
+    from fastbyol.optim import RunPlan
+    cfg = load_config(None, [*TINY, "optim.lars=false", "optim.weight_decay=0", "optim.predictor_lr_scale=3",
+                                   "optim.predictor_lr_hold=true"])
+    plan = RunPlan(steps_per_epoch=6, total_steps=6, warmup_steps=2, peak_lr=0.1, tau_base=1.0)
+    c = build_components(cfg, torch.device("cpu"), dist.DistInfo(), peak_lr=plan.peak_lr)
+    reference = copy.deepcopy(c.byol)
+    named = list(reference.online_named_parameters())
+    groups = [{"params": [p for n, p in named if n.startswith("predictor.") == is_predictor]}
+              for is_predictor in (False, True)]
+    sgd = torch.optim.SGD(groups, lr=0.1, momentum=cfg.optim.momentum, weight_decay=0.0)
+    held = [0.0, 0.05, 0.1, 0.1, 0.1, 0.1]  # by hand: warm-up 0, peak / 2, then the peak for good
+    view1, view2 = views()
+    for step in range(5):
+        assert plan.held_lr(step) == pytest.approx(held[step])
+        train_step(c, view1, view2, plan.lr(step), tau=1.0, held_lr=plan.held_lr(step))
+        sgd.param_groups[0]["lr"], sgd.param_groups[1]["lr"] = plan.lr(step), 3 * held[step]
+        sgd.zero_grad()
+        reference(view1, view2).loss.backward()
+        sgd.step()
+    assert plan.lr(4) == pytest.approx(0.1 / 2)  # the encoder's lr has halved by then; the predictor's has not
+    for (name, p), q in zip(c.byol.online_named_parameters(), (q for _, q in reference.online_named_parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert [g["hold_lr"] for g in c.optimizer.param_groups] == [False, False, True, True]
