@@ -102,13 +102,16 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
     # d1: the predictor's lr held at its peak after warm-up (SimSiam's fixed predictor lr), paired seeds
     **{f"d1_predictor_lr_hold_seed_{seed}": (SMALL, ["optim.predictor_lr_hold=true", f"train.seed={seed}"],
                                              f"small with the predictor's lr held at its peak after warm-up, no cosine (seed {seed})")
-       for seed in (1, 3, 0, 2)},
+       for seed in (1, 3)},  # seeds 0 and 2 not run: after seeds 1 and 3 it trailed small (README)
     # m: rows for the second data set (--mnist-5k), one change each from small
     "m1_no_flip": (SMALL, ["augment.view1.flip_p=0", "augment.view2.flip_p=0"],
                    "small without horizontal flips (a mirrored digit is another glyph; a mirrored shirt is a shirt)"),
     "m2_no_flip_epochs_40": (SMALL, ["augment.view1.flip_p=0", "augment.view2.flip_p=0", "train.epochs=40",
                                      "eval.knn_every=8"],
                              "m1 at 40 epochs: the steps small takes on Fashion-MNIST (5,000 of 32 images)"),
+    **{f"m2_seed_{seed}": (SMALL, ["augment.view1.flip_p=0", "augment.view2.flip_p=0", "train.epochs=40",
+                                   "eval.knn_every=8", f"train.seed={seed}"], f"m2 with train.seed {seed}")
+       for seed in (1, 2)},
 }
 
 
