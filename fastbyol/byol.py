@@ -156,15 +156,14 @@ def param_groups(model: BYOL, weight_decay: float, lars: bool = True, predictor_
     the paper, so existing checkpoints' optimizer states still load.
     """
     if predictor_lr_scale == 1.0 and not predictor_lr_hold:
-        named = [model.online_named_parameters()]
-        scales = [1.0]
+        parts = [(model.online_named_parameters(), 1.0, False)]
     else:
-        named = [((n, p) for n, p in model.online_named_parameters() if not n.startswith("predictor.")),
-                 model.predictor.named_parameters(prefix="predictor")]
-        scales = [1.0, predictor_lr_scale]
+        parts = [(((n, p) for n, p in model.online_named_parameters() if not n.startswith("predictor.")), 1.0, False),
+                 (model.predictor.named_parameters(prefix="predictor"), predictor_lr_scale, predictor_lr_hold)]
     groups = []
-    for params, scale, hold in zip(named, scales, [False, predictor_lr_hold]):
+    for params, scale, hold in parts:
         decay, no_decay = split_decay_params(params)
-        groups += [{"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars, "lr_scale": scale, "hold_lr": hold},
-                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": scale, "hold_lr": hold}]
+        options = {"lr_scale": scale, "hold_lr": hold}
+        groups += [{"params": decay, "weight_decay": weight_decay, "lars_exclude": not lars, **options},
+                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
     return groups
