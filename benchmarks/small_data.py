@@ -100,8 +100,10 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
     **{f"c2_predictor_lr_x30_seed_{seed}": (SMALL, ["optim.predictor_lr_scale=30", f"train.seed={seed}"],
                                             f"small with the predictor at 30x the lr instead of 10x (seed {seed})")
        for seed in (1, 0, 3)},
-    "c3_eta_1e-3_seed_1": (SMALL, ["optim.eta=0.001", "train.seed=1"],
-                           "small with the paper's LARS eta 1e-3 (seed 1): was 5e-4 only a workaround for a lagging predictor?"),
+    **{f"c3_eta_1e-3_seed_{seed}": (SMALL, ["optim.eta=0.001", f"train.seed={seed}"],
+                                    f"small with the paper's LARS eta 1e-3 (seed {seed}): was 5e-4 only a workaround "
+                                    f"for a lagging predictor?")
+       for seed in (1, 0, 3)},
     # d1: the predictor's lr held at its peak after warm-up (SimSiam's fixed predictor lr), paired seeds
     **{f"d1_predictor_lr_hold_seed_{seed}": (SMALL, ["optim.predictor_lr_hold=true", f"train.seed={seed}"],
                                              f"small with the predictor's lr held at its peak after warm-up, no cosine (seed {seed})")
