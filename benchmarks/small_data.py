@@ -104,6 +104,10 @@ ABLATIONS: dict[str, tuple[str, list[str], str]] = {
                                     f"small with the paper's LARS eta 1e-3 (seed {seed}): was 5e-4 only a workaround "
                                     f"for a lagging predictor?")
        for seed in (1, 0, 3)},
+    # c4: the other side of c3, paired with small and c3 on the same seeds
+    **{f"c4_eta_2.5e-4_seed_{seed}": (SMALL, ["optim.eta=0.00025", f"train.seed={seed}"],
+                                      f"small with LARS eta 2.5e-4, half small's weight step (seed {seed})")
+       for seed in (0, 3)},
     # d1: the predictor's lr held at its peak after warm-up (SimSiam's fixed predictor lr), paired seeds
     **{f"d1_predictor_lr_hold_seed_{seed}": (SMALL, ["optim.predictor_lr_hold=true", f"train.seed={seed}"],
                                              f"small with the predictor's lr held at its peak after warm-up, no cosine (seed {seed})")
